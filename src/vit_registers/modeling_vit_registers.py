@@ -168,6 +168,10 @@ class ViTRegistersEmbeddings(nn.Module):
             if self.mask_token is None:
                 raise ValueError("bool_masked_pos needs a mask token: this model was built with use_mask_token=False.")
             mask = bool_masked_pos.reshape(batch_size, -1, 1).to(torch.bool)
+            if mask.shape[1] != embeddings.shape[1]:
+                raise ValueError(
+                    f"bool_masked_pos marks {mask.shape[1]} patches but the image has {embeddings.shape[1]}."
+                )
             embeddings = torch.where(mask, self.mask_token.to(embeddings.dtype), embeddings)
         patch_size = self.config.patch_size
         embeddings = embeddings + self.interpolate_pos_encoding(height // patch_size, width // patch_size)

@@ -1,0 +1,396 @@
+"""Load official DINOv2, timm and transformers checkpoints into `ViTRegistersModel`.
+
+    model = convert("dinov2", "dinov2_vits14_reg4_pretrain.pth", arch="dinov2_vits14_reg")
+    model = convert("timm", timm_model.state_dict(), arch="vit_small_patch14_reg4_dinov2")
+    model = convert("transformers", "path/to/dinov2-with-registers-small")
+
+The architecture comes from `arch` (an official hub name or a timm model name) or, when absent, from the tensor shapes
+(width, depth, registers, CLS token, LayerScale, SwiGLU, position-embedding layout). Shapes cannot tell the number of
+heads: it defaults to `hidden_size // 64`, as in every released ViT; pass `num_attention_heads=` (or any other
+`ViTRegistersConfig` field) as a keyword to override.
+
+`build_reference` returns the source library's own model with the same weights, and `reference_tokens` splits its
+output into CLS / registers / patches, so that callers can compare every token.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..configuration_vit_registers import ViTRegistersConfig
+from ..modeling_vit_registers import ViTRegistersModel
+from .mappings import IGNORED, PREFIXES, RESHAPED, RULES
+
+SOURCES = tuple(RULES)
+
+
+class ConversionError(ValueError):
+    """A checkpoint cannot be converted: unreadable, of another architecture, or with missing/unexpected keys."""
+
+
+# Official DINOv2 hub entry points (hubconf.py): width, depth, heads, MLP kind. `_reg` variants have 4 registers and
+# resample position embeddings with antialias and no offset; the others without antialias and offset 0.1.
+OFFICIAL_DINOV2 = {
+    "dinov2_vits14": dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6),
+    "dinov2_vitb14": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12),
+    "dinov2_vitl14": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16),
+    "dinov2_vitg14": dict(hidden_size=1536, num_hidden_layers=40, num_attention_heads=24, mlp_type="swiglu"),
+}
+OFFICIAL_DINOV2.update({f"{name}_reg": dict(spec) for name, spec in list(OFFICIAL_DINOV2.items())})
+for _name, _spec in OFFICIAL_DINOV2.items():
+    _registers = _name.endswith("_reg")
+    _spec.update(
+        patch_size=14,
+        image_size=518,
+        layerscale_value=1e-5,
+        num_register_tokens=4 if _registers else 0,
+        interpolate_antialias=_registers,
+        interpolate_offset=0.0 if _registers else 0.1,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Reading checkpoints
+# ----------------------------------------------------------------------------------------------------------------------
+def load_state_dict(checkpoint: str | os.PathLike | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict from a mapping, a `.pth`/`.pt`/`.bin` (read with `weights_only=True`), a `.safetensors` file, or a
+    transformers model directory (single or sharded safetensors / bin)."""
+    if isinstance(checkpoint, Mapping):
+        state = dict(checkpoint)
+    else:
+        path = Path(checkpoint)
+        if not path.exists():
+            raise ConversionError(f"Checkpoint not found: {path}")
+        if path.is_dir():
+            return _load_directory(path)
+        state = _load_file(path)
+    for key in ("model", "state_dict", "teacher"):  # training checkpoints wrap the weights
+        if key in state and isinstance(state[key], Mapping) and not isinstance(state[key], torch.Tensor):
+            state = dict(state[key])
+    bad = [key for key, value in state.items() if not isinstance(value, torch.Tensor)]
+    if bad:
+        raise ConversionError(f"Checkpoint entries that are not tensors: {bad[:5]}")
+    return state
+
+
+def _load_file(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - every reader failure means the same thing to the user
+        raise ConversionError(f"Could not read checkpoint {path}: it is corrupt or not a tensor file ({error}).") from None
+
+
+def _load_directory(path: Path) -> dict[str, torch.Tensor]:
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index_file = path / index_name
+        if index_file.exists():
+            shards = sorted(set(json.loads(index_file.read_text())["weight_map"].values()))
+            state: dict[str, torch.Tensor] = {}
+            for shard in shards:
+                state.update(_load_file(path / shard))
+            return state
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (path / name).exists():
+            return _load_file(path / name)
+    raise ConversionError(f"No model.safetensors or pytorch_model.bin in {path}")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Renaming
+# ----------------------------------------------------------------------------------------------------------------------
+def rename_state_dict(source: str, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Apply the source family's mapping table (`mappings.py`); raise on keys it does not know."""
+    _check_source(source)
+    parts: dict[str, dict[int, tuple[int, torch.Tensor]]] = {}
+    unexpected = []
+    for key, tensor in state.items():
+        for prefix in PREFIXES[source]:
+            key = key.removeprefix(prefix)
+        if any(re.fullmatch(pattern, key) for pattern in IGNORED[source]):
+            continue
+        for rule in RULES[source]:
+            found = rule.match(key)
+            if found is not None:
+                target, part = found
+                index, count = part or (0, 1)
+                slots = parts.setdefault(target, {})
+                if index in slots:
+                    raise ConversionError(f"Two checkpoint keys map to {target} (second: {key}).")
+                slots[index] = (count, tensor)
+                break
+        else:
+            unexpected.append(key)
+    if unexpected:
+        raise ConversionError(
+            f"{len(unexpected)} key(s) are not part of a {source} ViT checkpoint (is it another architecture or "
+            f"another --source?): {', '.join(sorted(unexpected)[:8])}"
+        )
+    renamed = {}
+    for target, slots in parts.items():
+        count = next(iter(slots.values()))[0]
+        if sorted(slots) != list(range(count)):
+            raise ConversionError(f"{target} needs {count} parts in the checkpoint, found {len(slots)}.")
+        tensors = [slots[i][1] for i in range(count)]
+        renamed[target] = tensors[0] if count == 1 else torch.cat(tensors, dim=0)
+    for target in RESHAPED:
+        if target in renamed and renamed[target].ndim == 2:
+            renamed[target] = renamed[target].unsqueeze(0)
+    return renamed
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Architecture
+# ----------------------------------------------------------------------------------------------------------------------
+def infer_config(source: str, renamed: Mapping[str, torch.Tensor], arch: str | None = None, **overrides: Any):
+    """`ViTRegistersConfig` for renamed weights: the official table for DINOv2 hub names, the shapes otherwise."""
+    _check_source(source)
+    if "embeddings.patch_embeddings.projection.weight" not in renamed:
+        raise ConversionError("The checkpoint has no patch embedding: it is not a ViT checkpoint.")
+    projection = renamed["embeddings.patch_embeddings.projection.weight"]
+    hidden, channels, patch = projection.shape[0], projection.shape[1], projection.shape[-1]
+    layers = sorted({int(k.split(".")[2]) for k in renamed if k.startswith("encoder.layer.")})
+    if not layers or layers != list(range(len(layers))):
+        raise ConversionError(f"The checkpoint's transformer blocks are not numbered 0..L-1: {layers[:10]}")
+    has_cls = "embeddings.cls_token" in renamed
+    registers = renamed["embeddings.register_tokens"].shape[1] if "embeddings.register_tokens" in renamed else 0
+    num_positions = renamed["embeddings.position_embeddings"].shape[1]
+    fc1 = renamed["encoder.layer.0.mlp.fc1.weight"].shape[0]
+    fc2_in = renamed["encoder.layer.0.mlp.fc2.weight"].shape[1]
+    swiglu = fc1 == 2 * fc2_in
+    grid_patches = num_positions - 1 if has_cls and _is_square(num_positions - 1) else num_positions
+    cls_position = has_cls and grid_patches == num_positions - 1
+    if not _is_square(grid_patches):
+        raise ConversionError(
+            f"{num_positions} position embeddings fit no square patch grid (registers with position embeddings are "
+            "not supported)."
+        )
+    spec: dict[str, Any] = dict(
+        hidden_size=hidden,
+        num_channels=channels,
+        patch_size=patch,
+        num_hidden_layers=len(layers),
+        num_attention_heads=max(1, hidden // 64),
+        image_size=math.isqrt(grid_patches) * patch,
+        mlp_type="swiglu" if swiglu else "mlp",
+        intermediate_size=fc2_in,
+        qkv_bias="encoder.layer.0.attention.qkv.bias" in renamed,
+        layerscale_value=1.0 if "encoder.layer.0.layer_scale1.gamma" in renamed else None,
+        num_register_tokens=registers,
+        use_cls_token=has_cls,
+        cls_token_has_position_embedding=cls_position,
+        use_mask_token="embeddings.mask_token" in renamed,
+        use_final_norm="layernorm.weight" in renamed,
+        use_fc_norm="fc_norm.weight" in renamed,
+        pooling="cls" if has_cls else "mean",
+        layer_norm_eps=1e-6,
+        interpolate_antialias=True,
+        interpolate_offset=0.0,
+    )
+    if source == "dinov2":
+        if arch is not None:
+            if arch not in OFFICIAL_DINOV2:
+                raise ConversionError(f"Unknown DINOv2 architecture {arch!r}; known: {', '.join(OFFICIAL_DINOV2)}")
+            spec.update(OFFICIAL_DINOV2[arch])
+        else:  # the official no-register models resample without antialias and with DINO's 0.1 offset
+            spec.update(interpolate_antialias=registers > 0, interpolate_offset=0.0 if registers else 0.1)
+    elif source == "timm" and arch is not None:
+        _check_timm_arch(arch)
+    spec.update(overrides)
+    return ViTRegistersConfig(**spec)
+
+
+def _check_timm_arch(arch: str) -> None:
+    """Refuse names the installed timm does not know (without timm, the shapes alone decide)."""
+    try:
+        import timm
+    except ImportError:
+        return
+    if not timm.is_model(arch):
+        raise ConversionError(f"Unknown timm architecture {arch!r} (not in timm {timm.__version__}'s registry).")
+
+
+def _is_square(value: int) -> bool:
+    return value > 0 and math.isqrt(value) ** 2 == value
+
+
+def _check_source(source: str) -> None:
+    if source not in RULES:
+        raise ConversionError(f"Unknown source {source!r}; choose one of {', '.join(SOURCES)}.")
+
+
+def _transformers_config_hints(path: Path) -> dict[str, Any]:
+    """Config fields from a transformers Dinov2 / Dinov2WithRegisters `config.json`."""
+    config = json.loads((path / "config.json").read_text())
+    model_type = config.get("model_type")
+    if model_type not in ("dinov2", "dinov2_with_registers"):
+        raise ConversionError(f"{path} holds a {model_type!r} model; only dinov2 / dinov2_with_registers convert.")
+    hints = dict(
+        num_attention_heads=config["num_attention_heads"],
+        hidden_act=config.get("hidden_act", "gelu"),
+        layer_norm_eps=config.get("layer_norm_eps", 1e-6),
+        # transformers' Dinov2Model resamples without antialias; Dinov2WithRegisters with it; neither uses an offset
+        interpolate_antialias=model_type == "dinov2_with_registers",
+        interpolate_offset=0.0,
+    )
+    if "layerscale_value" in config:
+        hints["layerscale_value"] = config["layerscale_value"]
+    return hints
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Public entry points
+# ----------------------------------------------------------------------------------------------------------------------
+def convert(
+    source: str,
+    checkpoint: str | os.PathLike | Mapping[str, torch.Tensor],
+    arch: str | None = None,
+    **config_overrides: Any,
+) -> ViTRegistersModel:
+    """A `ViTRegistersModel` holding the weights of `checkpoint` (see the module docstring)."""
+    _check_source(source)
+    if source == "transformers" and not isinstance(checkpoint, Mapping) and Path(checkpoint).is_dir():
+        if (Path(checkpoint) / "config.json").exists():
+            config_overrides = {**_transformers_config_hints(Path(checkpoint)), **config_overrides}
+    renamed = rename_state_dict(source, load_state_dict(checkpoint))
+    config = infer_config(source, renamed, arch, **config_overrides)
+    if config.layerscale_value is not None and "encoder.layer.0.layer_scale1.gamma" not in renamed:
+        raise ConversionError("The configuration asks for LayerScale but the checkpoint has none.")
+    model = ViTRegistersModel(config)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(renamed))
+    if missing:
+        raise ConversionError(f"{len(missing)} weight(s) missing from the checkpoint: {', '.join(missing[:8])}")
+    for key, tensor in renamed.items():
+        if key not in expected:
+            raise ConversionError(f"Unexpected weight {key} for this configuration.")
+        if tuple(tensor.shape) != tuple(expected[key].shape):
+            raise ConversionError(
+                f"Shape mismatch for {key}: checkpoint {tuple(tensor.shape)}, model {tuple(expected[key].shape)}."
+            )
+    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in renamed.items()}, strict=True)
+    return model.eval()
+
+
+def timm_create_kwargs(config: ViTRegistersConfig) -> dict[str, Any]:
+    """Keyword arguments that make `timm.create_model(arch, **kwargs)` build the same-sized network."""
+    fc1 = config.mlp_hidden_size * (2 if config.mlp_type == "swiglu" else 1)
+    return dict(
+        embed_dim=config.hidden_size,
+        depth=config.num_hidden_layers,
+        num_heads=config.num_attention_heads,
+        patch_size=config.patch_size,
+        img_size=config.image_grid[0] * config.patch_size,
+        mlp_ratio=fc1 / config.hidden_size + 1e-9,
+        num_classes=0,
+        dynamic_img_size=True,
+    )
+
+
+def build_reference(
+    source: str,
+    checkpoint: str | os.PathLike | Mapping[str, torch.Tensor],
+    arch: str | None = None,
+    **config_overrides: Any,
+) -> torch.nn.Module:
+    """The source library's own model with the checkpoint's weights, in eval mode.
+
+    timm and official DINOv2 checkpoints → a timm `VisionTransformer` with `dynamic_img_size=True` (official weights go
+    through timm's own `checkpoint_filter_fn`); transformers → `AutoModel.from_pretrained` of the directory.
+    timm resamples position embeddings with antialias and no offset: for the official models *without* registers
+    (offset 0.1, no antialias) the reference agrees at the stored grid only; see `reference_interpolation`.
+    """
+    _check_source(source)
+    if source == "transformers":
+        from transformers import AutoModel
+
+        if isinstance(checkpoint, Mapping) or not Path(checkpoint).is_dir():
+            raise ConversionError("A transformers reference needs a model directory (config.json + weights).")
+        return AutoModel.from_pretrained(str(checkpoint), attn_implementation="eager").eval()
+    import timm
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    state = load_state_dict(checkpoint)
+    config = convert(source, state, arch, **config_overrides).config
+    if source == "dinov2":
+        timm_arch = "vit_giant_patch14_dinov2" if config.mlp_type == "swiglu" else "vit_small_patch14_dinov2"
+        if config.num_register_tokens:
+            timm_arch = timm_arch.replace("_dinov2", "_reg4_dinov2")
+        extra = dict(reg_tokens=config.num_register_tokens, no_embed_class=config.num_register_tokens > 0)
+    else:
+        timm_arch = arch
+        if timm_arch is None:
+            raise ConversionError("A timm reference needs --arch (the timm model name).")
+        extra = {}
+    kwargs = {**timm_create_kwargs(config), **extra}
+    if config.layerscale_value is not None:
+        kwargs["init_values"] = 1.0
+    reference = timm.create_model(timm_arch, pretrained=False, **kwargs)
+    state = {k: v for k, v in state.items() if not k.startswith(("head.", "head_drop."))}
+    if source == "dinov2":
+        state = checkpoint_filter_fn(state, reference)
+    reference.load_state_dict(state, strict=True)
+    return reference.eval()
+
+
+def reference_interpolation(source: str, config: ViTRegistersConfig) -> dict[str, Any]:
+    """Interpolation settings under which `build_reference`'s model resamples like ours (empty when it already does).
+
+    Only the official DINOv2 models without registers need it: timm has no 0.1 offset. Verification then checks the
+    weights at other sizes with these settings; the offset formula itself is tested against the official one.
+    """
+    if source == "dinov2" and (config.interpolate_offset or not config.interpolate_antialias):
+        return dict(interpolate_antialias=True, interpolate_offset=0.0)
+    return {}
+
+
+@torch.no_grad()
+def reference_tokens(reference: torch.nn.Module, pixel_values: torch.Tensor) -> dict[str, torch.Tensor | None]:
+    """Output tokens of a timm or transformers reference split into `cls`, `registers` and `patches`."""
+    if hasattr(reference, "forward_features"):  # timm
+        tokens = reference.forward_features(pixel_values)
+        prefix = reference.num_prefix_tokens
+        has_cls = reference.cls_token is not None
+        return dict(
+            cls=tokens[:, 0] if has_cls else None,
+            registers=tokens[:, int(has_cls) : prefix],
+            patches=tokens[:, prefix:],
+        )
+    tokens = reference(pixel_values).last_hidden_state
+    registers = getattr(reference.config, "num_register_tokens", 0)
+    return dict(cls=tokens[:, 0], registers=tokens[:, 1 : 1 + registers], patches=tokens[:, 1 + registers :])
+
+
+@torch.no_grad()
+def model_tokens(model: ViTRegistersModel, pixel_values: torch.Tensor) -> dict[str, torch.Tensor | None]:
+    """`ViTRegistersModel` output tokens in the same `cls` / `registers` / `patches` layout as `reference_tokens`."""
+    output = model(pixel_values)
+    cls_token = output.last_hidden_state[:, 0] if model.config.use_cls_token else None
+    return dict(cls=cls_token, registers=output.register_tokens, patches=output.patch_tokens)
+
+
+__all__ = [
+    "SOURCES",
+    "OFFICIAL_DINOV2",
+    "ConversionError",
+    "convert",
+    "build_reference",
+    "reference_tokens",
+    "reference_interpolation",
+    "model_tokens",
+    "load_state_dict",
+    "rename_state_dict",
+    "infer_config",
+    "timm_create_kwargs",
+]

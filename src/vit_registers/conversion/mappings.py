@@ -1,0 +1,132 @@
+"""Key-mapping tables from foreign checkpoints to `ViTRegistersModel` — data, not code.
+
+Each rule is `(source regex, target template, part)`: a key matching the regex (after the family's prefixes are
+stripped) becomes the target key; `part=(i, n)` marks it as the i-th of n tensors concatenated along dim 0 into the
+target (separate q/k/v → fused qkv; separate gate/up → packed SwiGLU fc1). Keys listed in `IGNORED` are dropped
+(classification heads of the source). Anything else is an unexpected key and conversion stops.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+LAYER = r"(?P<layer>\d+)"
+
+
+@dataclass(frozen=True)
+class KeyRule:
+    source: str
+    target: str
+    part: tuple[int, int] | None = None
+
+    def match(self, key: str) -> tuple[str, tuple[int, int] | None] | None:
+        found = re.fullmatch(self.source, key)
+        if found is None:
+            return None
+        return self.target.format(**found.groupdict()), self.part
+
+
+def _block_rules(block: str, table: list[tuple[str, str, tuple[int, int] | None]]) -> list[KeyRule]:
+    """Rules for per-layer keys: `block` is the source prefix of layer `i` (a regex with a `layer` group)."""
+    return [
+        KeyRule(rf"{block}\.{source}\.(?P<kind>weight|bias|gamma|lambda1)", f"encoder.layer.{{layer}}.{target}", part)
+        for source, target, part in table
+    ]
+
+
+# Official DINOv2 (facebookresearch/dinov2 hub checkpoints). `blocks.{chunk}.{i}` appears in chunked FSDP exports.
+DINOV2_RULES = [
+    KeyRule(r"cls_token", "embeddings.cls_token"),
+    KeyRule(r"register_tokens", "embeddings.register_tokens"),
+    KeyRule(r"mask_token", "embeddings.mask_token"),
+    KeyRule(r"pos_embed", "embeddings.position_embeddings"),
+    KeyRule(r"patch_embed\.proj\.(?P<kind>weight|bias)", "embeddings.patch_embeddings.projection.{kind}"),
+    KeyRule(r"norm\.(?P<kind>weight|bias)", "layernorm.{kind}"),
+    *_block_rules(
+        rf"blocks\.(?:\d+\.)?{LAYER}",
+        [
+            (r"norm1", "norm1.{kind}", None),
+            (r"norm2", "norm2.{kind}", None),
+            (r"attn\.qkv", "attention.qkv.{kind}", None),
+            (r"attn\.proj", "attention.proj.{kind}", None),
+            (r"ls1", "layer_scale1.gamma", None),
+            (r"ls2", "layer_scale2.gamma", None),
+            (r"mlp\.(?:fc1|w12)", "mlp.fc1.{kind}", None),
+            (r"mlp\.(?:fc2|w3)", "mlp.fc2.{kind}", None),
+        ],
+    ),
+]
+
+# timm VisionTransformer (`vit_*_reg4_dinov2`, `deit3_*`, `vit_*_reg{1,4}_gap_*`, ...).
+TIMM_RULES = [
+    KeyRule(r"cls_token", "embeddings.cls_token"),
+    KeyRule(r"reg_token", "embeddings.register_tokens"),
+    KeyRule(r"pos_embed", "embeddings.position_embeddings"),
+    KeyRule(r"patch_embed\.proj\.(?P<kind>weight|bias)", "embeddings.patch_embeddings.projection.{kind}"),
+    KeyRule(r"norm\.(?P<kind>weight|bias)", "layernorm.{kind}"),
+    KeyRule(r"fc_norm\.(?P<kind>weight|bias)", "fc_norm.{kind}"),
+    *_block_rules(
+        rf"blocks\.{LAYER}",
+        [
+            (r"norm1", "norm1.{kind}", None),
+            (r"norm2", "norm2.{kind}", None),
+            (r"attn\.qkv", "attention.qkv.{kind}", None),
+            (r"attn\.proj", "attention.proj.{kind}", None),
+            (r"ls1", "layer_scale1.gamma", None),
+            (r"ls2", "layer_scale2.gamma", None),
+            (r"mlp\.fc1", "mlp.fc1.{kind}", None),
+            (r"mlp\.fc2", "mlp.fc2.{kind}", None),
+        ],
+    ),
+]
+
+# transformers Dinov2 / Dinov2WithRegisters: current names (q_proj, gate_proj, ...) and legacy ones
+# (attention.attention.query, mlp.weights_in, ...), which transformers itself renames on load.
+TRANSFORMERS_RULES = [
+    KeyRule(r"embeddings\.cls_token", "embeddings.cls_token"),
+    KeyRule(r"embeddings\.register_tokens", "embeddings.register_tokens"),
+    KeyRule(r"embeddings\.mask_token", "embeddings.mask_token"),
+    KeyRule(r"embeddings\.position_embeddings", "embeddings.position_embeddings"),
+    KeyRule(
+        r"embeddings\.patch_embeddings\.projection\.(?P<kind>weight|bias)",
+        "embeddings.patch_embeddings.projection.{kind}",
+    ),
+    KeyRule(r"layernorm\.(?P<kind>weight|bias)", "layernorm.{kind}"),
+    *_block_rules(
+        rf"encoder\.layer\.{LAYER}",
+        [
+            (r"norm1", "norm1.{kind}", None),
+            (r"norm2", "norm2.{kind}", None),
+            (r"attention\.(?:q_proj|attention\.query)", "attention.qkv.{kind}", (0, 3)),
+            (r"attention\.(?:k_proj|attention\.key)", "attention.qkv.{kind}", (1, 3)),
+            (r"attention\.(?:v_proj|attention\.value)", "attention.qkv.{kind}", (2, 3)),
+            (r"attention\.(?:o_proj|output\.dense)", "attention.proj.{kind}", None),
+            (r"layer_scale1", "layer_scale1.gamma", None),
+            (r"layer_scale2", "layer_scale2.gamma", None),
+            (r"mlp\.(?:fc1|weights_in)", "mlp.fc1.{kind}", None),
+            (r"mlp\.gate_proj", "mlp.fc1.{kind}", (0, 2)),
+            (r"mlp\.up_proj", "mlp.fc1.{kind}", (1, 2)),
+            (r"mlp\.(?:fc2|weights_out|down_proj)", "mlp.fc2.{kind}", None),
+        ],
+    ),
+]
+
+RULES = {"dinov2": DINOV2_RULES, "timm": TIMM_RULES, "transformers": TRANSFORMERS_RULES}
+
+# Prefixes of task-model checkpoints, stripped before matching.
+PREFIXES = {
+    "dinov2": ("backbone.", "module."),
+    "timm": ("module.",),
+    "transformers": ("dinov2_with_registers.", "dinov2.", "vit_registers."),
+}
+
+# Keys that are dropped on purpose: classification heads (`convert` returns the bare encoder).
+IGNORED = {
+    "dinov2": (r"head\..*",),
+    "timm": (r"head\..*", r"head_drop\..*"),
+    "transformers": (r"classifier\..*",),
+}
+
+# Tensors stored with another shape than ours, reshaped explicitly (official mask token is (1, D), ours (1, 1, D)).
+RESHAPED = ("embeddings.mask_token",)
