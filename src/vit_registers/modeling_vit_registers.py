@@ -22,10 +22,7 @@ from transformers.activations import ACT2FN
 from transformers.modeling_outputs import BackboneOutput, ImageClassifierOutput
 from transformers.utils import ModelOutput
 
-try:
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-except ImportError:  # pragma: no cover - very old transformers
-    ALL_ATTENTION_FUNCTIONS = {}
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 try:
     from transformers.modeling_layers import GradientCheckpointingLayer
 except ImportError:  # pragma: no cover - transformers < 4.52
@@ -139,10 +136,9 @@ class ViTRegistersEmbeddings(nn.Module):
         patch_pos = self.position_embeddings[:, self.num_position_prefix :]
         stored_height, stored_width = self.grid_size
         offset = self.config.interpolate_offset
-        same_grid = grid_height == stored_height and grid_width == stored_width
         # Official DINOv2 skips resampling at the stored grid. An exported graph must not branch on the input size,
         # so it always resamples: without offset that is an exact identity at the stored grid.
-        if same_grid and not torch.compiler.is_exporting():
+        if not torch.compiler.is_exporting() and (grid_height, grid_width) == (stored_height, stored_width):
             return patch_pos
         dim = patch_pos.shape[-1]
         grid = patch_pos.float().reshape(1, stored_height, stored_width, dim).permute(0, 3, 1, 2)
@@ -162,8 +158,8 @@ class ViTRegistersEmbeddings(nn.Module):
         return resized.permute(0, 2, 3, 1).reshape(1, grid_height * grid_width, dim).to(patch_pos.dtype)
 
     def forward(self, pixel_values: torch.Tensor, bool_masked_pos: torch.Tensor | None = None) -> torch.Tensor:
-        batch_size, _, height, width = pixel_values.shape
         embeddings = self.patch_embeddings(pixel_values)
+        batch_size, _, height, width = pixel_values.shape
         if bool_masked_pos is not None:
             if self.mask_token is None:
                 raise ValueError("bool_masked_pos needs a mask token: this model was built with use_mask_token=False.")
@@ -235,11 +231,10 @@ class ViTRegistersAttention(nn.Module):
         batch_size, num_tokens, hidden = hidden_states.shape
         qkv = self.qkv(hidden_states).reshape(batch_size, num_tokens, 3, self.num_heads, self.head_dim)
         query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        implementation = self.config._attn_implementation or "sdpa"
-        if output_attentions or implementation == "eager":
+        if output_attentions:  # weights asked for this layer: the eager path computes them, other layers stay fast
             attention = eager_attention_forward
         else:
-            attention = ALL_ATTENTION_FUNCTIONS[implementation]
+            attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
         output, weights = attention(
             self,
             query,
