@@ -18,6 +18,13 @@ except ImportError:  # transformers 4.x
 
 
 POOLING_CHOICES = ("cls", "mean", "cls_mean")
+# Written into every config.json so that each Auto class loads through `trust_remote_code` without the package.
+AUTO_MAP = {
+    "AutoConfig": "configuration_vit_registers.ViTRegistersConfig",
+    "AutoModel": "modeling_vit_registers.ViTRegistersModel",
+    "AutoModelForImageClassification": "modeling_vit_registers.ViTRegistersForImageClassification",
+    "AutoBackbone": "modeling_vit_registers.ViTRegistersBackbone",
+}
 MLP_CHOICES = ("mlp", "swiglu")
 
 
@@ -177,6 +184,7 @@ class ViTRegistersConfig(BackboneConfigMixin, PretrainedConfig):
         self.test_time_registers = test_time_registers
         self.apply_layernorm = apply_layernorm
         self.reshape_hidden_states = reshape_hidden_states
+        kwargs.setdefault("auto_map", dict(AUTO_MAP))
         super().__init__(**kwargs)
         self.stage_names = ["stem"] + [f"stage{i}" for i in range(1, num_hidden_layers + 1)]
         self.set_output_features_output_indices(out_features=out_features, out_indices=out_indices)
