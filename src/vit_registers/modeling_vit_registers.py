@@ -305,12 +305,16 @@ class ViTRegistersMLP(nn.Module):
         self.activation = ACT2FN["silu"] if self.swiglu else ACT2FN[config.hidden_act]
         self.fc2 = nn.Linear(hidden, config.hidden_size)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
-        spec = config.test_time_registers or {}
-        units = (spec.get("neurons") or {}).get(str(layer_index), (spec.get("neurons") or {}).get(layer_index, []))
-        self.num_test_time_registers = int(spec.get("num_tokens", 0)) if len(units) else 0
-        self.register_buffer(
-            "register_neurons", torch.tensor(sorted(int(u) for u in units), dtype=torch.long), persistent=False
-        )
+        self.register_neurons: tuple[int, ...] = ()
+        self.num_test_time_registers = 0
+        self.set_register_neurons(config.test_time_registers, layer_index)
+
+    def set_register_neurons(self, spec: dict | None, layer_index: int) -> None:
+        """Register neurons of this layer from a `config.test_time_registers` spec (none → plain MLP)."""
+        neurons = (spec or {}).get("neurons") or {}
+        units = neurons.get(str(layer_index), neurons.get(layer_index, []))
+        self.num_test_time_registers = int((spec or {}).get("num_tokens", 0)) if len(units) else 0
+        self.register_neurons = tuple(sorted(int(u) for u in units))
 
     def hidden_activations(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """The MLP hidden units after the activation (for SwiGLU: the gated product); test-time edit applied."""
@@ -321,7 +325,8 @@ class ViTRegistersMLP(nn.Module):
         else:
             hidden = self.activation(hidden)
         if self.num_test_time_registers:
-            hidden = apply_test_time_registers(hidden, self.register_neurons, self.num_test_time_registers)
+            neurons = torch.tensor(self.register_neurons, dtype=torch.long, device=hidden.device)
+            hidden = apply_test_time_registers(hidden, neurons, self.num_test_time_registers)
         return hidden
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -442,6 +447,26 @@ class ViTRegistersModel(ViTRegistersPreTrainedModel):
 
     def get_input_embeddings(self) -> ViTRegistersPatchEmbeddings:
         return self.embeddings.patch_embeddings
+
+    def set_test_time_registers(self, neurons: dict[int, Sequence[int]] | None, num_tokens: int = 1) -> None:
+        """Enable test-time registers (Jiang et al. 2025) with the given register neurons `{layer: [unit, ...]}`, or
+        disable them with `None`. Stored in the config, so `save_pretrained` / `from_pretrained` reproduce it."""
+        if neurons is None or num_tokens == 0:
+            spec = None
+        else:
+            if num_tokens < 1:
+                raise ValueError(f"num_tokens must be >= 1, got {num_tokens}.")
+            spec = {"num_tokens": int(num_tokens), "neurons": {str(int(k)): sorted(int(u) for u in v) for k, v in neurons.items()}}
+        previous = self.config.test_time_registers
+        self.config.test_time_registers = spec
+        try:
+            self.config._check_values()
+        except ValueError:
+            self.config.test_time_registers = previous
+            raise
+        self.embeddings.num_test_time_registers = self.config.num_test_time_registers
+        for index, layer in enumerate(self.encoder.layer):
+            layer.mlp.set_register_neurons(spec, index)
 
     def split_tokens(self, tokens: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
         """Split a `(batch, tokens, hidden)` sequence into (CLS or None, registers incl. test-time, patches)."""
