@@ -243,11 +243,22 @@ def test_drop_path_decays_linearly_and_only_in_training():
     torch.testing.assert_close(model(pixels).last_hidden_state, model(pixels).last_hidden_state)
 
 
-def test_torch_compile_fullgraph():
+def test_torch_compile_fullgraph_captures_without_graph_breaks():
     model = tiny_model()
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     pixels = torch.randn(2, 3, 28, 42)
     torch.testing.assert_close(compiled(pixels).last_hidden_state, model(pixels).last_hidden_state, atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
+def test_torch_compile_inductor_matches_eager():
+    model = tiny_model(num_register_tokens=2)
+    compiled = torch.compile(model, fullgraph=True)
+    pixels = torch.randn(2, 3, 28, 42)
+    with torch.no_grad():
+        got, want = compiled(pixels), model(pixels)
+    torch.testing.assert_close(got.last_hidden_state, want.last_hidden_state, atol=1e-5, rtol=0)
+    torch.testing.assert_close(got.register_tokens, want.register_tokens, atol=1e-5, rtol=0)
 
 
 @pytest.mark.slow
