@@ -211,3 +211,12 @@ def test_transformers_head_checkpoint_prefix_is_stripped(tmp_path):
     pixels = torch.randn(1, 3, 56, 56)
     expected = classifier.dinov2_with_registers(pixels).last_hidden_state
     torch.testing.assert_close(model(pixels).last_hidden_state, expected, atol=TOLERANCE, rtol=0)
+
+
+def test_timm_head_count_comes_from_the_registry_when_the_width_matches():
+    from vit_registers.conversion import _timm_registry_hints
+
+    assert _timm_registry_hints("vit_little_patch16_reg1_gap_256", 320) == {"num_attention_heads": 5}
+    assert _timm_registry_hints("vit_little_patch16_reg1_gap_256", 64) == {}  # another width: not that model
+    with pytest.raises(ValueError, match="Unknown timm architecture"):
+        _timm_registry_hints("vit_does_not_exist", 64)

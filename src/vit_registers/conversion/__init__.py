@@ -206,19 +206,28 @@ def infer_config(source: str, renamed: Mapping[str, torch.Tensor], arch: str | N
         else:  # the official no-register models resample without antialias and with DINO's 0.1 offset
             spec.update(interpolate_antialias=registers > 0, interpolate_offset=0.0 if registers else 0.1)
     elif source == "timm" and arch is not None:
-        _check_timm_arch(arch)
+        spec.update(_timm_registry_hints(arch, hidden))
     spec.update(overrides)
     return ViTRegistersConfig(**spec)
 
 
-def _check_timm_arch(arch: str) -> None:
-    """Refuse names the installed timm does not know (without timm, the shapes alone decide)."""
+def _timm_registry_hints(arch: str, hidden: int) -> dict[str, Any]:
+    """The head count of timm's `arch` when the checkpoint has that architecture's width (shapes cannot tell heads).
+
+    The network is built on the meta device, so nothing is allocated. Without timm, the shapes alone decide.
+    """
     try:
         import timm
     except ImportError:
-        return
+        return {}
     if not timm.is_model(arch):
         raise ConversionError(f"Unknown timm architecture {arch!r} (not in timm {timm.__version__}'s registry).")
+    with torch.device("meta"):
+        registry_model = timm.create_model(arch, pretrained=False)
+    blocks = getattr(registry_model, "blocks", None)
+    if getattr(registry_model, "embed_dim", None) != hidden or not blocks:
+        return {}
+    return {"num_attention_heads": blocks[0].attn.num_heads}
 
 
 def _is_square(value: int) -> bool:
