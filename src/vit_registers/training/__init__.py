@@ -1,0 +1,36 @@
+"""Fine-tuning ViTRegisters classifiers: data, optimiser, register surgery and the Accelerate training loop.
+
+`scripts/finetune.py` is the command-line front; everything it does is importable from here.
+"""
+
+from .data import (
+    ClassificationData,
+    DataError,
+    TransformedDataset,
+    build_transforms,
+    collate,
+    hf_transform,
+    load_classification_data,
+    scan_image_folder,
+)
+from .metrics import Accuracy, compute_metrics_for_trainer, load_accuracy
+from .optim import create_optimizer, create_scheduler, parameter_groups
+from .registers import add_register_tokens
+
+__all__ = [
+    "Accuracy",
+    "ClassificationData",
+    "DataError",
+    "TransformedDataset",
+    "add_register_tokens",
+    "build_transforms",
+    "collate",
+    "compute_metrics_for_trainer",
+    "create_optimizer",
+    "create_scheduler",
+    "hf_transform",
+    "load_accuracy",
+    "load_classification_data",
+    "parameter_groups",
+    "scan_image_folder",
+]

@@ -1,0 +1,115 @@
+"""Optimiser and schedule for fine-tuning ViTs with registers.
+
+AdamW parameter groups follow the DINOv2 / BEiT recipes: no weight decay on the learned tokens (CLS, registers,
+position embeddings, mask token), on norms, biases and LayerScale; layer-wise learning-rate decay (the embeddings,
+CLS and registers count as layer 0, block `i` as layer `i + 1`, everything after the encoder as layer `L + 1`).
+Registers are learned input tokens (Darcet et al. 2024, §2.2): like the CLS token they must not be pulled to zero.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+
+NO_DECAY_TOKENS = ("cls_token", "register_tokens", "position_embeddings", "mask_token")
+_LAYER_PATTERN = re.compile(r"(?:^|\.)encoder\.layer\.(\d+)\.")
+
+
+def _num_layers(model: nn.Module) -> int:
+    config = getattr(model, "config", None)
+    if config is not None and getattr(config, "num_hidden_layers", None):
+        return int(config.num_hidden_layers)
+    indices = [int(m.group(1)) for n, _ in model.named_parameters() if (m := _LAYER_PATTERN.search(n))]
+    return max(indices) + 1 if indices else 0
+
+
+def layer_id(name: str, num_layers: int) -> int:
+    """Depth of a parameter for layer-wise LR decay: 0 for embeddings/tokens, i + 1 for block i, L + 1 after."""
+    match = _LAYER_PATTERN.search(name)
+    if match:
+        return int(match.group(1)) + 1
+    if ".embeddings." in f".{name}" or any(token in name for token in NO_DECAY_TOKENS):
+        return 0
+    return num_layers + 1
+
+
+def uses_weight_decay(name: str, parameter: torch.Tensor) -> bool:
+    """False for CLS/register/position/mask tokens, norms, biases and LayerScale (all 0-d/1-d tensors)."""
+    if parameter.ndim <= 1 or name.endswith(".bias"):
+        return False
+    leaf = name.rsplit(".", 1)[-1]
+    return leaf not in NO_DECAY_TOKENS and "norm" not in name.lower() and "layer_scale" not in name
+
+
+def parameter_groups(
+    model: nn.Module, learning_rate: float, weight_decay: float = 0.05, layer_decay: float = 1.0
+) -> list[dict]:
+    """AdamW groups for the trainable parameters of `model`, with per-group ``lr`` and ``weight_decay``.
+
+    Each group also records ``layer_id`` and ``lr_scale`` (= ``layer_decay ** (L + 1 - layer_id)``), so schedules
+    that rescale ``lr`` keep the decay.
+    """
+    if not 0.0 < layer_decay <= 1.0:
+        raise ValueError(f"layer_decay must be in (0, 1], got {layer_decay}.")
+    if weight_decay < 0:
+        raise ValueError(f"weight_decay must be >= 0, got {weight_decay}.")
+    num_layers = _num_layers(model)
+    groups: dict[tuple[int, bool], dict] = {}
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        depth = layer_id(name, num_layers)
+        decay = uses_weight_decay(name, parameter)
+        key = (depth, decay)
+        if key not in groups:
+            scale = layer_decay ** (num_layers + 1 - depth)
+            groups[key] = {
+                "params": [],
+                "names": [],
+                "lr": learning_rate * scale,
+                "weight_decay": weight_decay if decay else 0.0,
+                "layer_id": depth,
+                "lr_scale": scale,
+            }
+        groups[key]["params"].append(parameter)
+        groups[key]["names"].append(name)
+    if not groups:
+        raise ValueError("the model has no trainable parameters.")
+    return [groups[key] for key in sorted(groups)]
+
+
+def create_optimizer(
+    model: nn.Module,
+    learning_rate: float,
+    weight_decay: float = 0.05,
+    layer_decay: float = 1.0,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+) -> torch.optim.AdamW:
+    """AdamW over :func:`parameter_groups` (group ``names`` are kept for inspection; AdamW ignores them)."""
+    return torch.optim.AdamW(
+        parameter_groups(model, learning_rate, weight_decay, layer_decay), lr=learning_rate, betas=betas, eps=eps
+    )
+
+
+def create_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int):
+    """Linear warm-up then cosine decay to 0 (`transformers.get_cosine_schedule_with_warmup`), per group."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    if total_steps <= 0:
+        raise ValueError(f"the schedule needs at least one training step, got {total_steps}.")
+    return get_cosine_schedule_with_warmup(
+        optimizer, num_warmup_steps=min(warmup_steps, total_steps), num_training_steps=total_steps
+    )
+
+
+__all__ = [
+    "NO_DECAY_TOKENS",
+    "create_optimizer",
+    "create_scheduler",
+    "layer_id",
+    "parameter_groups",
+    "uses_weight_decay",
+]
