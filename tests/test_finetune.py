@@ -506,3 +506,30 @@ def test_bf16_gradient_checkpointing_accumulation_and_push_to_hub(tmp_path, fold
     assert all(math.isfinite(loss) for _, loss in log["train_loss"])
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_1", "step_2"]  # no partial folder left
     assert all(v.dtype == torch.float32 for v in _weights(out).values())
+
+
+def test_transformers_dinov2_checkpoint_is_converted_then_finetuned(tmp_path, capsys):
+    """`--model` may be a transformers Dinov2WithRegisters directory: it is converted (weights equal) and trained."""
+    import transformers
+    from transformers import AutoModelForImageClassification
+
+    from vit_registers.conversion import convert
+
+    torch.manual_seed(0)
+    hf_config = transformers.Dinov2WithRegistersConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8, num_register_tokens=2
+    )
+    source = tmp_path / "dinov2-registers"
+    transformers.Dinov2WithRegistersModel(hf_config).save_pretrained(source)
+    train = make_image_folder(tmp_path / "train", classes=CLASSES[:2], per_class=6, size=32)
+    out = tmp_path / "finetuned"
+    code, err = _run_inprocess(
+        ["--model", source, "--train-dir", train, "--output-dir", out, "--max-steps", 2, "--per-device-batch-size", 4],
+        capsys,
+    )
+    assert code == 0, err
+    converted = convert("transformers", source)
+    saved = ViTRegistersForImageClassification.from_pretrained(out / "converted-model").vit_registers
+    torch.testing.assert_close(saved.embeddings.register_tokens, converted.embeddings.register_tokens)
+    model = AutoModelForImageClassification.from_pretrained(out)
+    assert model.config.model_type == "vit_registers" and model.config.num_register_tokens == 2

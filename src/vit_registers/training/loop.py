@@ -137,12 +137,34 @@ def _config_from_json(path: str) -> dict:
     return values
 
 
+CONVERTIBLE_MODEL_TYPES = ("dinov2", "dinov2_with_registers")
+
+
+def convert_transformers_checkpoint(source: str, destination: str) -> str:
+    """Convert a transformers Dinov2 / Dinov2WithRegisters directory into a vit_registers one (weights, config and
+    image processor) at `destination`, for fine-tuning; returns `destination`."""
+    from transformers import AutoImageProcessor
+
+    from ..conversion import ConversionError, convert
+
+    try:
+        model = convert("transformers", source)
+    except ConversionError as error:
+        raise SetupError(f"--model {source!r} could not be converted: {error}") from None
+    model.save_pretrained(destination)
+    try:
+        AutoImageProcessor.from_pretrained(source).save_pretrained(destination)
+    except OSError:  # no preprocessor_config.json: the default processor is built later
+        pass
+    return destination
+
+
 def resolve_model_source(config: FinetuneConfig) -> dict | str:
     """Check `--model` / `--model-config` without loading weights.
 
     Returns the `ViTRegistersConfig` arguments of a model to build from scratch (`--model-config JSON`,
-    `--model config:tiny`, `--model X.json`), or the path / Hub id of a `vit_registers` checkpoint. Anything else
-    raises :class:`SetupError`.
+    `--model config:tiny`, `--model X.json`), or the path / Hub id of a `vit_registers` checkpoint (a transformers
+    Dinov2 / Dinov2WithRegisters directory is converted first). Anything else raises :class:`SetupError`.
     """
     from transformers import AutoConfig
 
@@ -177,6 +199,8 @@ def resolve_model_source(config: FinetuneConfig) -> dict | str:
             f"--model {source!r} is neither a local vit_registers model directory nor a loadable checkpoint "
             f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})."
         ) from None
+    if found.model_type in CONVERTIBLE_MODEL_TYPES and os.path.isdir(source):
+        return convert_transformers_checkpoint(source, os.path.join(config.output_dir, "converted-model"))
     if found.model_type != ViTRegistersConfig.model_type:
         raise SetupError(
             f"--model {source!r} is a {found.model_type!r} checkpoint, not {ViTRegistersConfig.model_type!r}: "
