@@ -1,0 +1,326 @@
+"""`vit-registers` command line.
+
+Subcommands live in `SUBCOMMANDS` (name → [`Subcommand`]); others add theirs with [`register_subcommand`]:
+
+    register_subcommand("demo", "launch the demo", add_arguments=my_args, run=my_run)
+
+`run(args)` returns the exit status. Errors a user can fix raise [`CLIError`] (or a `ValueError`/`OSError` with a
+clear message): `main` prints one line and exits non-zero, with no traceback unless `--traceback` is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+PROG = "vit-registers"
+
+# Model used when `--model` is omitted; `None` until the trained default model exists (then its Hub id or path).
+DEFAULT_MODEL: str | None = None
+
+
+MAX_LISTED = 20  # skipped inputs printed one per line; the rest are counted
+
+
+class CLIError(Exception):
+    """A user-facing error: printed as one line, exit status 1."""
+
+
+@dataclass
+class Subcommand:
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+SUBCOMMANDS: dict[str, Subcommand] = {}
+
+
+def register_subcommand(
+    name: str,
+    help: str,
+    add_arguments: Callable[[argparse.ArgumentParser], None],
+    run: Callable[[argparse.Namespace], int],
+) -> None:
+    """Add (or replace) a subcommand of `vit-registers`."""
+    SUBCOMMANDS[name] = Subcommand(help, add_arguments, run)
+
+
+def _warn(message: str) -> None:
+    print(f"{PROG}: warning: {message}", file=sys.stderr)
+
+
+def add_model_argument(parser: argparse.ArgumentParser) -> None:
+    """`--model PATH_OR_ID` (required while `DEFAULT_MODEL` is None) and `--device`."""
+    parser.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        required=DEFAULT_MODEL is None,
+        metavar="PATH_OR_ID",
+        help="saved vit_registers model directory or Hub id"
+        + (f" (default: {DEFAULT_MODEL})" if DEFAULT_MODEL else ""),
+    )
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+
+
+def _load(args):
+    from .analysis.loading import ModelLoadError, load_model
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        try:
+            model, processor = load_model(args.model, args.device)
+        except ModelLoadError as error:
+            raise CLIError(str(error)) from None
+    for warning in caught:
+        if "image processor" in str(warning.message):
+            _warn(str(warning.message))
+    return model, processor
+
+
+def _add_lost_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("LOST")
+    group.add_argument("--lost-features", default="keys", choices=("keys", "queries", "values", "tokens"))
+    group.add_argument("--lost-layer", type=int, default=-1, help="layer whose features LOST uses (default: last)")
+    group.add_argument("--lost-k", type=int, default=100, help="number of lowest-degree patches (default: 100)")
+    group.add_argument("--lost-bias", type=float, default=0.0, help="bias b added to A = F F^T (default: 0)")
+
+
+# ----------------------------------------------------------------------------------------------------- analyze
+
+
+def _analyze_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
+    add_model_argument(parser)
+    parser.add_argument("--output-dir", required=True, type=Path, help="where figures and stats.json go")
+    parser.add_argument(
+        "--layers", type=int, nargs="+", default=[-1], metavar="L",
+        help="layers whose attention maps are drawn (negative counts from the end; default: -1)",
+    )
+    parser.add_argument(
+        "--threshold", type=float, default=None,
+        help="absolute norm threshold for outliers (default: the --rule computed over the given images)",
+    )
+    parser.add_argument("--rule", choices=("percentile", "sigma", "absolute"), default=None,
+                        help="outlier rule (default: absolute with --threshold, else percentile)")
+    parser.add_argument("--percentile", type=float, default=98.0, help="percentile for --rule percentile (98)")
+    parser.add_argument("--sigma", type=float, default=3.0, help="k for --rule sigma: mean + k std (3)")
+    parser.add_argument("--size", type=int, default=None, help="shorter image side in pixels (default: processor's)")
+    parser.add_argument("--dpi", type=int, default=100, help="figure resolution")
+    parser.add_argument("--batch-size", type=int, default=8, help="images of one input size per model call (8)")
+    _add_lost_arguments(parser)
+
+
+def _figure_stem(path: str, used: set[str]) -> str:
+    stem = Path(path).stem or "image"
+    candidate, number = stem, 1
+    while candidate in used:
+        number += 1
+        candidate = f"{stem}_{number}"
+    used.add(candidate)
+    return candidate
+
+
+def run_analyze(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm.auto import tqdm
+
+    from .analysis import figures
+    from .analysis.images import ImageError, load_image, prepare_with_processor
+    from .analysis.outliers import outlier_threshold
+    from .analysis.pipeline import analyze_batch, label_outliers
+
+    rule = args.rule or ("absolute" if args.threshold is not None else "percentile")
+    if rule == "absolute" and args.threshold is None:
+        raise CLIError("--rule absolute needs --threshold VALUE.")
+    if args.size is not None and args.size < 1:
+        raise CLIError(f"--size must be positive, got {args.size}.")
+    if args.batch_size < 1:
+        raise CLIError(f"--batch-size must be >= 1, got {args.batch_size}.")
+    model, processor = _load(args)
+    config = model.config
+    depth = config.num_hidden_layers
+    for layer in [*args.layers, args.lost_layer]:
+        if not -depth <= layer < depth:
+            raise CLIError(f"layer {layer} does not exist in this {depth}-layer model (valid: {-depth}..{depth - 1}).")
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+
+    done, errors, pending = {}, [], {}
+
+    def run_batch(size):
+        batch = pending.pop(size)
+        pixel_values = torch.stack([prepared.pixel_values for _, _, prepared in batch])
+        analyses = analyze_batch(
+            model, pixel_values, layers=args.layers, lost_layer=args.lost_layer,
+            lost_kind=args.lost_features, lost_k=args.lost_k, lost_bias=args.lost_bias,
+        )
+        for (index, path, prepared), analysis in zip(batch, analyses):
+            done[index] = (path, prepared, analysis)
+
+    # images of one input size share a batch; the results keep the command line's order
+    for index, path in enumerate(tqdm(args.images, desc="analyze", unit="image", disable=len(args.images) < 2)):
+        try:
+            prepared = prepare_with_processor(
+                load_image(path), processor, config.patch_size, name=path, short_side=args.size
+            )
+        except ImageError as error:
+            errors.append({"path": path, "error": str(error)})
+            _warn(f"skipped {error}")
+            continue
+        pending.setdefault(prepared.input_size, []).append((index, path, prepared))
+        if len(pending[prepared.input_size]) >= args.batch_size:
+            run_batch(prepared.input_size)
+    for size in list(pending):
+        run_batch(size)
+    done = [done[index] for index in sorted(done)]
+
+    stats = {
+        "model": args.model,
+        "outlier_rule": {"rule": rule, "threshold": args.threshold, "percentile": args.percentile, "k": args.sigma},
+        "threshold": None,
+        "images": [],
+        "errors": errors,
+    }
+    if done:
+        threshold = outlier_threshold(
+            [analysis.patch_norm_map for _, _, analysis in done], rule=rule, threshold=args.threshold,
+            percentile=args.percentile, k=args.sigma,
+        )
+        stats["threshold"] = threshold
+        label_outliers([analysis for _, _, analysis in done], threshold)
+    used: set[str] = set()
+    for path, prepared, analysis in done:
+        stem = _figure_stem(path, used)
+        image = prepared.image
+        written = {}
+        written["norms"] = figures.norm_figure(
+            image, analysis.patch_norm_map, threshold=analysis.threshold,
+            title=f"{Path(path).name}: last-layer norms before the final norm",
+        )
+        for maps in analysis.attention:
+            named = maps.named_maps()
+            if named:
+                written[f"attention_layer{maps.layer}"] = figures.attention_figure(
+                    image, named, title=f"{Path(path).name}: attention to patches, layer {maps.layer}"
+                )
+        written["pca"] = figures.pca_figure(
+            image, analysis.pca_rgb, analysis.pca_whitened, analysis.pca_foreground_rgb, title=Path(path).name
+        )
+        written["lost"] = figures.lost_figure(image, analysis.lost.box, analysis.lost.similarity,
+                                              title=f"{Path(path).name}: LOST")
+        files = {}
+        for name, fig in written.items():
+            files[name] = f"{stem}_{name}.png"
+            figures.save_figure(fig, args.output_dir / files[name], dpi=args.dpi)
+        stats["images"].append({"path": path, **analysis.summary(prepared), "figures": files})
+    stats_path = args.output_dir / "stats.json"
+    stats_path.write_text(json.dumps(stats, indent=2))
+    print(f"analysed {len(done)} of {len(args.images)} image(s); figures and stats in {stats_path.parent}")
+    if errors:
+        _warn(f"{len(errors)} image(s) could not be analysed (listed under 'errors' in {stats_path}).")
+        return 1
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------------ corloc
+
+
+def _corloc_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_argument(parser)
+    parser.add_argument("--dataset", required=True, type=Path,
+                        help="imagefolder-style directory with metadata.jsonl rows {file_name, objects: {bbox}}")
+    parser.add_argument("--box-format", choices=("xyxy", "xywh"), default="xyxy", help="bbox format (xyxy)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--square", action="store_true", help="resize to a square (default keeps the aspect ratio)")
+    parser.add_argument("--size", type=int, default=None, help="shorter image side in pixels (default: processor's)")
+    parser.add_argument("--output", type=Path, default=None, help="write per-image results as JSON here")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_lost_arguments(parser)
+
+
+def run_corloc(args: argparse.Namespace) -> int:
+    from .analysis.corloc import DatasetError, evaluate_corloc, read_box_dataset
+
+    if args.batch_size < 1:
+        raise CLIError(f"--batch-size must be >= 1, got {args.batch_size}.")
+    if args.size is not None and args.size < 1:
+        raise CLIError(f"--size must be positive, got {args.size}.")
+    try:
+        read_box_dataset(args.dataset, args.box_format)  # fail fast on a missing dataset, before loading the model
+    except DatasetError as error:
+        raise CLIError(str(error)) from None
+    model, processor = _load(args)
+    depth = model.config.num_hidden_layers
+    if not -depth <= args.lost_layer < depth:
+        raise CLIError(f"--lost-layer {args.lost_layer} does not exist in this {depth}-layer model.")
+    result = evaluate_corloc(
+        model, processor, args.dataset, batch_size=args.batch_size, box_format=args.box_format, square=args.square,
+        layer=args.lost_layer, kind=args.lost_features, k=args.lost_k, bias=args.lost_bias, progress=not args.quiet,
+        short_side=args.size,
+    )
+    for message in result.skipped[:MAX_LISTED]:
+        _warn(f"skipped {message}")
+    if len(result.skipped) > MAX_LISTED:
+        where = f"all listed in {args.output}" if args.output else "use --output to list them all"
+        _warn(f"... and {len(result.skipped) - MAX_LISTED} more skipped ({where}).")
+    if args.output is not None:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(json.dumps(result.to_dict(), indent=2))
+    if result.corloc is None:
+        raise CLIError(f"no usable image in {args.dataset} ({len(result.skipped)} skipped).")
+    print(
+        f"CorLoc: {100 * result.corloc:.2f}% ({result.num_correct}/{result.num_images} images"
+        + (f", {len(result.skipped)} skipped)" if result.skipped else ")")
+    )
+    return 0
+
+
+register_subcommand("analyze", "norms, outliers, attention maps, PCA and LOST for images", _analyze_arguments,
+                    run_analyze)
+register_subcommand("corloc", "LOST CorLoc over a dataset with boxes", _corloc_arguments, run_corloc)
+
+
+# -------------------------------------------------------------------------------------------------------- main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog=PROG, description="Vision Transformers with registers: analysis tools.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--traceback", action="store_true", help="show the full traceback on errors")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers.required = True
+    for name, command in SUBCOMMANDS.items():
+        sub = subparsers.add_parser(name, help=command.help, description=command.help)
+        command.add_arguments(sub)
+        sub.set_defaults(_run=command.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `vit-registers` console script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args._run(args) or 0)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # one line, no traceback, unless asked
+        if args.traceback:
+            raise
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if not isinstance(error, (CLIError, ValueError, OSError)):
+            message = f"{type(error).__name__}: {message} (rerun with --traceback for details)"
+        print(f"{PROG}: error: {message}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
