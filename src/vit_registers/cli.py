@@ -20,8 +20,17 @@ from pathlib import Path
 
 PROG = "vit-registers"
 
-# Model used when `--model` is omitted; `None` until the trained default model exists (then its Hub id or path).
-DEFAULT_MODEL: str | None = None
+
+
+def default_model() -> str | None:
+    """The embedded model with 4 registers (`vit_registers.pretrained`), used when `--model` is omitted."""
+    from .pretrained import default_models, default_model_path
+
+    return str(default_model_path(4)) if default_models() else None
+
+
+# Model used when `--model` is omitted: the embedded default model when it is installed.
+DEFAULT_MODEL: str | None = default_model()
 
 
 MAX_LISTED = 20  # skipped inputs printed one per line; the rest are counted
@@ -95,7 +104,10 @@ def _add_lost_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _analyze_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
+    parser.add_argument(
+        "images", nargs="*", metavar="IMAGE",
+        help="image files (default: scikit-image's bundled photos astronaut, coffee, chelsea and rocket)",
+    )
     add_model_argument(parser)
     parser.add_argument("--output-dir", required=True, type=Path, help="where figures and stats.json go")
     parser.add_argument(
@@ -142,6 +154,10 @@ def run_analyze(args: argparse.Namespace) -> int:
         raise CLIError(f"--size must be positive, got {args.size}.")
     if args.batch_size < 1:
         raise CLIError(f"--batch-size must be >= 1, got {args.batch_size}.")
+    if not args.images:
+        from .analysis.images import bundled_photos
+
+        args.images = bundled_photos(args.output_dir / "inputs")
     model, processor = _load(args)
     config = model.config
     depth = config.num_hidden_layers
@@ -280,8 +296,104 @@ def run_corloc(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------------------- find-register-neurons
+
+
+def _neuron_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_argument(parser)
+    parser.add_argument("--images", required=True, type=Path, help="directory of images used for discovery")
+    parser.add_argument("--output-dir", required=True, type=Path, help="where the ready model directory goes")
+    parser.add_argument("--top-k", type=int, default=50, help="number of register neurons (paper: 45-50 for L/14)")
+    parser.add_argument("--highest-layer", type=int, default=None,
+                        help="last layer searched (default: the detection layer; paper: 17 for DINOv2-L)")
+    parser.add_argument("--detection-layer", type=int, default=None,
+                        help="layer whose output norms flag outliers (default: second to last)")
+    rule = parser.add_mutually_exclusive_group()
+    rule.add_argument("--threshold", type=float, help="absolute patch-norm threshold (paper: 150 for DINOv2-L)")
+    rule.add_argument("--percentile", type=float, help="percentile of the pooled patch norms (default: 98)")
+    parser.add_argument("--num-tokens", type=int, default=1, help="test-time registers to append (default: 1)")
+    parser.add_argument("--batch-size", type=int, default=8)
+
+
+def run_find_register_neurons(args: argparse.Namespace) -> int:
+    import torch
+
+    from .analysis.images import ImageError, load_image
+    from .interventions import enable_test_time_registers, find_register_neurons
+
+    if not args.images.is_dir():
+        raise CLIError(f"--images {args.images} is not a directory.")
+    if args.output_dir.exists() and any(args.output_dir.iterdir()):
+        raise CLIError(f"--output-dir {args.output_dir} exists and is not empty.")
+    if args.top_k < 1 or args.num_tokens < 1 or args.batch_size < 1:
+        raise CLIError("--top-k, --num-tokens and --batch-size must be >= 1.")
+    if args.percentile is not None and not 0 < args.percentile < 100:
+        raise CLIError(f"--percentile must be in (0, 100), got {args.percentile}.")
+    percentile = 98.0 if args.threshold is None and args.percentile is None else args.percentile
+    model, processor = _load(args)
+    depth = model.config.num_hidden_layers
+    for name in ("highest_layer", "detection_layer"):
+        value = getattr(args, name)
+        if value is not None and not -depth <= value < depth:
+            raise CLIError(f"--{name.replace('_', '-')} {value} does not exist in this {depth}-layer model.")
+    images = []
+    for path in sorted(p for p in args.images.iterdir() if p.is_file()):
+        try:
+            images.append(load_image(path))
+        except ImageError as error:
+            _warn(f"skipped {error}")
+    if not images:
+        raise CLIError(f"no readable image in {args.images}.")
+    device = next(model.parameters()).device
+    batches = [
+        processor(images[i : i + args.batch_size], return_tensors="pt")["pixel_values"].to(device)
+        for i in range(0, len(images), args.batch_size)
+    ]
+    with torch.no_grad():
+        found = find_register_neurons(
+            model, batches, top_k=args.top_k, highest_layer=args.highest_layer, detection_layer=args.detection_layer,
+            threshold=args.threshold, percentile=percentile,
+        )
+    enable_test_time_registers(model, found, num_tokens=args.num_tokens)
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(args.output_dir)
+    processor.save_pretrained(args.output_dir)
+    report = {
+        "model": args.model,
+        "threshold": found.threshold,
+        "rule": "absolute" if args.threshold is not None else f"percentile {percentile}",
+        "images_seen": found.images_seen,
+        "images_with_outliers": found.images_with_outliers,
+        "neurons": {str(k): v for k, v in found.neurons.items()},
+        "ranking": [{"layer": layer, "unit": unit, "score": score} for layer, unit, score in found.ranking],
+    }
+    (args.output_dir / "register_neurons.json").write_text(json.dumps(report, indent=2))
+    count = sum(len(units) for units in found.neurons.values())
+    print(f"{count} register neurons in layers {sorted(found.neurons)}; model with {args.num_tokens} test-time "
+          f"register(s) written to {args.output_dir}")
+    return 0
+
+
+# -------------------------------------------------------------------------------------------------------- demo
+
+
+def _demo_arguments(parser: argparse.ArgumentParser) -> None:
+    from .space import add_demo_arguments
+
+    add_demo_arguments(parser)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from .space import run_demo
+
+    return run_demo(args)
+
+
 register_subcommand("analyze", "norms, outliers, attention maps, PCA and LOST for images", _analyze_arguments,
                     run_analyze)
+register_subcommand("find-register-neurons", "find register neurons and write a model with test-time registers",
+                    _neuron_arguments, run_find_register_neurons)
+register_subcommand("demo", "launch the register-explorer Space locally", _demo_arguments, _run_demo)
 register_subcommand("corloc", "LOST CorLoc over a dataset with boxes", _corloc_arguments, run_corloc)
 
 

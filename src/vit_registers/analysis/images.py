@@ -181,3 +181,27 @@ def prepare_with_processor(
         square=square,
         name=name,
     )
+
+
+BUNDLED_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
+
+
+def bundled_photos(directory: str | os.PathLike, names=BUNDLED_PHOTOS) -> list[str]:
+    """Write scikit-image's bundled photos (public domain / CC0) as PNG files into `directory`; return the paths.
+
+    These are the offline example inputs of the CLI and the Space. Files already present are reused; each file is
+    written under a temporary name and renamed, so concurrent callers never see a partial PNG.
+    """
+    from skimage import data
+
+    directory = os.fspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    paths = []
+    for name in names:
+        path = os.path.join(directory, f"{name}.png")
+        if not os.path.exists(path):
+            partial = f"{path}.{os.getpid()}.{id(paths)}.tmp"
+            Image.fromarray(getattr(data, name)()).save(partial, format="PNG")
+            os.replace(partial, path)
+        paths.append(path)
+    return paths
