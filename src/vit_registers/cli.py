@@ -389,8 +389,36 @@ def _run_demo(args: argparse.Namespace) -> int:
     return run_demo(args)
 
 
+# ------------------------------------------------------------------------------------------------------- study
+
+
+def _study_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--models", nargs="+", default=None, metavar="PATH_OR_ID",
+                        help="classification models to compare (default: the embedded models, 0 and 4 registers)")
+    parser.add_argument("--dataset", required=True, type=Path, help="dataset written by scripts/make_dataset.py")
+    parser.add_argument("--split", default="test", help="split to evaluate (default: test)")
+    parser.add_argument("--output-dir", required=True, type=Path, help="where study.json, study.md and figures go")
+    parser.add_argument("--limit", type=int, default=None, help="use only the first N images of the split")
+    parser.add_argument("--figures", type=int, default=3, help="images with attention figures per model (3)")
+
+
+def run_study_command(args: argparse.Namespace) -> int:
+    from .pretrained import default_models
+    from .study import markdown_table, run_study
+
+    models = args.models or [str(path) for path in reversed(list(default_models().values()))]
+    if not models:
+        raise CLIError("no --models given and no embedded model installed.")
+    studies = run_study(models, args.dataset, args.output_dir, split=args.split, limit=args.limit,
+                        num_figures=args.figures)
+    print(markdown_table(studies))
+    return 0
+
+
 register_subcommand("analyze", "norms, outliers, attention maps, PCA and LOST for images", _analyze_arguments,
                     run_analyze)
+register_subcommand("study", "accuracy, CorLoc, patch-norm statistics and figures of models with/without registers",
+                    _study_arguments, run_study_command)
 register_subcommand("find-register-neurons", "find register neurons and write a model with test-time registers",
                     _neuron_arguments, run_find_register_neurons)
 register_subcommand("demo", "launch the register-explorer Space locally", _demo_arguments, _run_demo)
