@@ -163,9 +163,22 @@ def test_analyze_usage_errors_are_one_line(tmp_path, capsys, model_dir, photos):
     assert code == 1 and "not an image file" in stderr
     assert json.loads((tmp_path / "o" / "stats.json").read_text())["images"] == []
     with pytest.raises(SystemExit) as exit_info:
-        cli.main(["analyze", photos["coffee"], "--output-dir", str(tmp_path)])  # --model is required for now
+        cli.main(["analyze", photos["coffee"], "--model", str(model_dir)])  # --output-dir is required
     assert exit_info.value.code == 2
-    assert "--model" in capsys.readouterr().err
+    assert "--output-dir" in capsys.readouterr().err
+
+
+def test_analyze_defaults_to_the_embedded_model_and_bundled_photos(tmp_path, capsys):
+    from vit_registers.pretrained import default_model_path
+
+    assert cli.DEFAULT_MODEL == str(default_model_path(4))
+    code, stdout, _ = run_cli(capsys, "analyze", "--output-dir", tmp_path / "demo")
+    assert code == 0 and "analysed 4 of 4" in stdout
+    stats = json.loads((tmp_path / "demo" / "stats.json").read_text())
+    assert stats["model"] == cli.DEFAULT_MODEL
+    assert [Path(image["path"]).name for image in stats["images"]] == [
+        "astronaut.png", "coffee.png", "chelsea.png", "rocket.png"
+    ]
 
 
 def test_corloc_command(tmp_path, capsys, model_dir, photos):

@@ -1,0 +1,271 @@
+"""Configuration of a Vision Transformer with register tokens.
+
+One config expresses every family in the register literature: official DINOv2 (with and without registers, plain or
+SwiGLU MLP), DeiT-III, and timm's ``vit_*_reg{1,4}_gap_*`` models that have registers but no CLS token.
+
+This file is copied next to the weights by ``save_pretrained`` so that ``trust_remote_code=True`` works without the
+package: it may import only torch, transformers and the standard library.
+"""
+
+from __future__ import annotations
+
+from transformers import PretrainedConfig
+
+try:  # transformers >= 5 keeps the mixin in `backbone_utils`
+    from transformers.backbone_utils import BackboneConfigMixin
+except ImportError:  # transformers 4.x
+    from transformers.utils.backbone_utils import BackboneConfigMixin
+
+
+POOLING_CHOICES = ("cls", "mean", "cls_mean")
+# Written into every config.json so that each Auto class loads through `trust_remote_code` without the package.
+AUTO_MAP = {
+    "AutoConfig": "configuration_vit_registers.ViTRegistersConfig",
+    "AutoModel": "modeling_vit_registers.ViTRegistersModel",
+    "AutoModelForImageClassification": "modeling_vit_registers.ViTRegistersForImageClassification",
+    "AutoBackbone": "modeling_vit_registers.ViTRegistersBackbone",
+}
+MLP_CHOICES = ("mlp", "swiglu")
+
+
+class ViTRegistersConfig(BackboneConfigMixin, PretrainedConfig):
+    r"""
+    Configuration of [`ViTRegistersModel`]: a pre-norm ViT with a CLS token (optional), `num_register_tokens` learnable
+    register tokens appended after it (Darcet et al., "Vision Transformers Need Registers", ICLR 2024, §2.2), and
+    patch tokens. Registers carry no position embedding, take part in every layer and are returned separately.
+
+    Token order in every hidden state: `[CLS] + registers + patches` (no `[CLS]` when `use_cls_token=False`).
+
+    Args:
+        image_size (`int` or `tuple[int, int]`, defaults to 224):
+            Training resolution (height, width). Sets the grid of stored position embeddings; other sizes are
+            handled by interpolating them (see `interpolate_antialias`, `interpolate_offset`).
+        patch_size (`int`, defaults to 16):
+            Side of the square patches. Input height and width must be multiples of it.
+        num_channels (`int`, defaults to 3):
+            Channels of the input images.
+        hidden_size (`int`, defaults to 768):
+            Width of the token embeddings.
+        num_hidden_layers (`int`, defaults to 12):
+            Number of transformer blocks.
+        num_attention_heads (`int`, defaults to 12):
+            Attention heads per block; must divide `hidden_size`.
+        mlp_ratio (`float`, defaults to 4.0):
+            MLP width as a multiple of `hidden_size`, used when `intermediate_size` is not given. For SwiGLU the
+            official DINOv2 rule applies: `(int(hidden_size * mlp_ratio * 2 / 3) + 7) // 8 * 8`.
+        intermediate_size (`int`, *optional*):
+            Explicit MLP hidden width (for SwiGLU: the width of the gated hidden layer). Overrides `mlp_ratio`.
+        hidden_act (`str`, defaults to `"gelu"`):
+            Activation of the plain MLP (any key of `transformers.activations.ACT2FN`). SwiGLU always uses SiLU.
+        mlp_type (`str`, defaults to `"mlp"`):
+            `"mlp"` (fc1 → act → fc2) or `"swiglu"` (DINOv2-g: fc1 packs gate and value, silu(gate) * value → fc2).
+        layerscale_value (`float`, *optional*, defaults to 1.0):
+            Initial value of LayerScale (Touvron et al., CaiT). `None` removes LayerScale from the blocks.
+        qkv_bias (`bool`, defaults to `True`):
+            Bias in the fused query/key/value projection.
+        layer_norm_eps (`float`, defaults to 1e-6):
+            Epsilon of every LayerNorm.
+        drop_path_rate (`float`, defaults to 0.0):
+            Stochastic depth at the last block; block `i` uses `drop_path_rate * i / (num_hidden_layers - 1)` (the
+            linear decay of timm and official DINOv2).
+        hidden_dropout_prob (`float`, defaults to 0.0):
+            Dropout after the embeddings, the attention projection and the MLP.
+        attention_probs_dropout_prob (`float`, defaults to 0.0):
+            Dropout on the attention probabilities.
+        initializer_range (`float`, defaults to 0.02):
+            Std of the truncated normal used to initialise weights and tokens.
+        num_register_tokens (`int`, defaults to 4):
+            Number of register tokens; 0 gives a plain ViT.
+        use_cls_token (`bool`, defaults to `True`):
+            Whether the sequence starts with a learnable CLS token. timm's `*_gap_*` register models have none.
+        cls_token_has_position_embedding (`bool`, defaults to `True`):
+            `True`: 1 + N position embeddings are stored and the CLS token gets the first (official DINOv2,
+            transformers). `False`: N are stored, only patches get one (timm `no_embed_class`, DeiT-III).
+        interpolate_antialias (`bool`, defaults to `True`):
+            Antialiasing of the bicubic position-embedding resampling. Official register models: on; official
+            models without registers: off.
+        interpolate_offset (`float`, defaults to 0.0):
+            Official DINOv2's offset: with `o > 0` the grid is resampled with `scale_factor = (n + o) / M` instead of
+            an output size (models without registers: 0.1). With 0 the output size is given directly.
+        use_mask_token (`bool`, defaults to `True`):
+            Whether the model owns a mask token that replaces patch embeddings where `bool_masked_pos` is set.
+        use_final_norm (`bool`, defaults to `True`):
+            LayerNorm on every output token. timm's `*_gap_*` models normalise after pooling instead.
+        use_fc_norm (`bool`, defaults to `False`):
+            LayerNorm after mean pooling (timm `fc_norm`). Applies to the `"mean"` part of `pooling`.
+        pooling (`str`, defaults to `"cls"`):
+            What `pooler_output` and the classifier see: `"cls"` (the CLS token), `"mean"` (mean of the patch
+            tokens) or `"cls_mean"` (both concatenated, as in DINOv2's linear head). Registers are never pooled.
+        test_time_registers (`dict`, *optional*):
+            Test-time registers (Jiang et al. 2025): `{"num_tokens": int, "neurons": {layer: [unit, ...]}}`. The
+            extra tokens are appended after the patches and receive, in each listed MLP unit, the maximum activation
+            over all tokens while every other token's activation is zeroed. They are returned in `register_tokens`
+            after the trained registers.
+        apply_layernorm (`bool`, defaults to `True`):
+            Backbone only: apply the final LayerNorm to the returned feature maps.
+        reshape_hidden_states (`bool`, defaults to `True`):
+            Backbone only: return NCHW maps (`True`) or (batch, patches, hidden) sequences.
+        out_features / out_indices (*optional*):
+            Backbone only: which stages (`"stem"`, `"stage1"` … `"stageL"`) to return.
+
+    Example:
+
+    ```python
+    >>> from vit_registers import ViTRegistersConfig, ViTRegistersModel
+    >>> config = ViTRegistersConfig(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, patch_size=14,
+    ...                             image_size=518, num_register_tokens=4)
+    >>> model = ViTRegistersModel(config)
+    ```
+    """
+
+    model_type = "vit_registers"
+
+    def __init__(
+        self,
+        image_size: int | tuple[int, int] = 224,
+        patch_size: int = 16,
+        num_channels: int = 3,
+        hidden_size: int = 768,
+        num_hidden_layers: int = 12,
+        num_attention_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        intermediate_size: int | None = None,
+        hidden_act: str = "gelu",
+        mlp_type: str = "mlp",
+        layerscale_value: float | None = 1.0,
+        qkv_bias: bool = True,
+        layer_norm_eps: float = 1e-6,
+        drop_path_rate: float = 0.0,
+        hidden_dropout_prob: float = 0.0,
+        attention_probs_dropout_prob: float = 0.0,
+        initializer_range: float = 0.02,
+        num_register_tokens: int = 4,
+        use_cls_token: bool = True,
+        cls_token_has_position_embedding: bool = True,
+        interpolate_antialias: bool = True,
+        interpolate_offset: float = 0.0,
+        use_mask_token: bool = True,
+        use_final_norm: bool = True,
+        use_fc_norm: bool = False,
+        pooling: str = "cls",
+        test_time_registers: dict | None = None,
+        apply_layernorm: bool = True,
+        reshape_hidden_states: bool = True,
+        out_features: list[str] | None = None,
+        out_indices: list[int] | None = None,
+        **kwargs,
+    ):
+        self.image_size = list(image_size) if isinstance(image_size, (list, tuple)) else image_size
+        self.patch_size = patch_size
+        self.num_channels = num_channels
+        self.hidden_size = hidden_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.mlp_ratio = mlp_ratio
+        self.intermediate_size = intermediate_size
+        self.hidden_act = hidden_act
+        self.mlp_type = mlp_type
+        self.layerscale_value = layerscale_value
+        self.qkv_bias = qkv_bias
+        self.layer_norm_eps = layer_norm_eps
+        self.drop_path_rate = drop_path_rate
+        self.hidden_dropout_prob = hidden_dropout_prob
+        self.attention_probs_dropout_prob = attention_probs_dropout_prob
+        self.initializer_range = initializer_range
+        self.num_register_tokens = num_register_tokens
+        self.use_cls_token = use_cls_token
+        self.cls_token_has_position_embedding = cls_token_has_position_embedding
+        self.interpolate_antialias = interpolate_antialias
+        self.interpolate_offset = interpolate_offset
+        self.use_mask_token = use_mask_token
+        self.use_final_norm = use_final_norm
+        self.use_fc_norm = use_fc_norm
+        self.pooling = pooling
+        self.test_time_registers = test_time_registers
+        self.apply_layernorm = apply_layernorm
+        self.reshape_hidden_states = reshape_hidden_states
+        kwargs.setdefault("auto_map", dict(AUTO_MAP))
+        super().__init__(**kwargs)
+        self.stage_names = ["stem"] + [f"stage{i}" for i in range(1, num_hidden_layers + 1)]
+        self.set_output_features_output_indices(out_features=out_features, out_indices=out_indices)
+        self._check_values()
+
+    # ----------------------------------------------------------------------------------------------------------------
+    @property
+    def image_grid(self) -> tuple[int, int]:
+        """Patch grid (rows, columns) of the stored position embeddings."""
+        height, width = self.image_size if isinstance(self.image_size, (list, tuple)) else (self.image_size,) * 2
+        return height // self.patch_size, width // self.patch_size
+
+    @property
+    def mlp_hidden_size(self) -> int:
+        """Hidden width of the MLP (for SwiGLU: of the gated layer, i.e. half of `fc1`'s output)."""
+        if self.intermediate_size is not None:
+            return self.intermediate_size
+        hidden = int(self.hidden_size * self.mlp_ratio)
+        if self.mlp_type == "swiglu":
+            hidden = (int(hidden * 2 / 3) + 7) // 8 * 8
+        return hidden
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        """Tokens before the patches: CLS (if any) and the trained registers."""
+        return int(self.use_cls_token) + self.num_register_tokens
+
+    @property
+    def num_test_time_registers(self) -> int:
+        return int((self.test_time_registers or {}).get("num_tokens", 0))
+
+    def _check_values(self) -> None:
+        def fail(message: str) -> None:
+            raise ValueError(f"ViTRegistersConfig: {message}")
+
+        for name in ("patch_size", "num_channels", "hidden_size", "num_hidden_layers", "num_attention_heads"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                fail(f"`{name}` must be a positive integer, got {value!r}.")
+        if self.hidden_size % self.num_attention_heads:
+            fail(
+                f"`hidden_size` ({self.hidden_size}) must be divisible by `num_attention_heads` "
+                f"({self.num_attention_heads})."
+            )
+        if not isinstance(self.num_register_tokens, int) or self.num_register_tokens < 0:
+            fail(f"`num_register_tokens` must be an integer >= 0, got {self.num_register_tokens!r}.")
+        sizes = self.image_size if isinstance(self.image_size, list) else [self.image_size]
+        if len(sizes) not in (1, 2) or any(not isinstance(s, int) or s < self.patch_size for s in sizes):
+            fail(f"`image_size` {self.image_size!r} must be one or two integers >= patch_size ({self.patch_size}).")
+        if self.mlp_type not in MLP_CHOICES:
+            fail(f"`mlp_type` must be one of {MLP_CHOICES}, got {self.mlp_type!r}.")
+        if self.pooling not in POOLING_CHOICES:
+            fail(f"`pooling` must be one of {POOLING_CHOICES}, got {self.pooling!r}.")
+        if not self.use_cls_token and self.pooling != "mean":
+            fail(f"`pooling={self.pooling!r}` needs a CLS token; models without one (use_cls_token=False) pool 'mean'.")
+        if not self.use_cls_token and self.cls_token_has_position_embedding:
+            fail("`cls_token_has_position_embedding=True` needs `use_cls_token=True`.")
+        if self.mlp_ratio is not None and self.mlp_ratio <= 0:
+            fail(f"`mlp_ratio` must be > 0, got {self.mlp_ratio!r}.")
+        if self.intermediate_size is not None and (not isinstance(self.intermediate_size, int) or self.intermediate_size <= 0):
+            fail(f"`intermediate_size` must be a positive integer, got {self.intermediate_size!r}.")
+        for name in ("drop_path_rate", "hidden_dropout_prob", "attention_probs_dropout_prob"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                fail(f"`{name}` must be in [0, 1), got {value!r}.")
+        if self.interpolate_offset < 0:
+            fail(f"`interpolate_offset` must be >= 0, got {self.interpolate_offset!r}.")
+        if self.layer_norm_eps <= 0:
+            fail(f"`layer_norm_eps` must be > 0, got {self.layer_norm_eps!r}.")
+        if self.test_time_registers is not None:
+            spec = self.test_time_registers
+            if not isinstance(spec, dict) or int(spec.get("num_tokens", 0)) < 0:
+                fail("`test_time_registers` must be a dict with `num_tokens` >= 0 and `neurons` {layer: [units]}.")
+            for layer, units in (spec.get("neurons") or {}).items():
+                if not 0 <= int(layer) < self.num_hidden_layers:
+                    fail(f"test-time register neurons name layer {layer}, the model has {self.num_hidden_layers}.")
+                if any(not 0 <= int(u) < self.mlp_hidden_size for u in units):
+                    fail(f"test-time register neurons of layer {layer} must lie in [0, {self.mlp_hidden_size}).")
+
+    def validate_output_attentions(self):
+        """Every attention backend of this model can return attention weights, so nothing to refuse."""
+
+
+__all__ = ["ViTRegistersConfig"]

@@ -1,0 +1,622 @@
+"""PyTorch Vision Transformer with register tokens (Darcet et al., "Vision Transformers Need Registers", ICLR 2024).
+
+Sequence layout in every layer: ``[CLS] + registers + patches (+ test-time registers)``. The registers are learnable
+tokens without position embedding that every block processes and that the outputs return separately
+(`register_tokens`) instead of hiding them in `last_hidden_state`.
+
+This file is copied next to the weights by ``save_pretrained`` so that ``trust_remote_code=True`` works without the
+package: it may import only torch, transformers, the standard library and its sibling configuration file.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.activations import ACT2FN
+from transformers.modeling_outputs import BackboneOutput, ImageClassifierOutput
+from transformers.utils import ModelOutput
+
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+try:
+    from transformers.modeling_layers import GradientCheckpointingLayer
+except ImportError:  # pragma: no cover - transformers < 4.52
+    GradientCheckpointingLayer = nn.Module
+try:
+    from transformers.backbone_utils import BackboneMixin
+except ImportError:  # pragma: no cover - transformers 4.x
+    from transformers.utils.backbone_utils import BackboneMixin
+try:
+    from transformers import initialization as init
+except ImportError:  # pragma: no cover - transformers 4.x
+    init = nn.init
+try:
+    from transformers.utils.generic import can_return_tuple
+except ImportError:  # pragma: no cover
+
+    def can_return_tuple(func):
+        return func
+
+
+from .configuration_vit_registers import ViTRegistersConfig
+
+
+@dataclass
+class ViTRegistersModelOutput(ModelOutput):
+    """
+    Outputs of [`ViTRegistersModel`]. Token tensors below come after the final norm (when the model has one).
+
+    Args:
+        last_hidden_state (`(batch, tokens, hidden)`): every token, in sequence order.
+        pooler_output (`(batch, hidden)` or `(batch, 2 * hidden)`): as chosen by `config.pooling` (CLS by default).
+        register_tokens (`(batch, registers, hidden)`): the trained registers, then any test-time registers.
+        patch_tokens (`(batch, patches, hidden)`): patch tokens in raster order (row-major over the patch grid).
+        hidden_states (`tuple` of `(batch, tokens, hidden)`): embedding output and the output of every layer,
+            *before* the final norm (the paper measures token norms there), when `output_hidden_states=True`.
+        attentions (`tuple` of `(batch, heads, tokens, tokens)`): softmax attention weights of the requested layers
+            (all layers unless `attention_layers` narrows them), when `output_attentions=True`, under any backend.
+    """
+
+    last_hidden_state: torch.FloatTensor | None = None
+    pooler_output: torch.FloatTensor | None = None
+    register_tokens: torch.FloatTensor | None = None
+    patch_tokens: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+
+
+def _pair(value: int | Sequence[int]) -> tuple[int, int]:
+    return tuple(value) if isinstance(value, Iterable) else (value, value)
+
+
+class ViTRegistersPatchEmbeddings(nn.Module):
+    """Non-overlapping `patch_size` patches → `hidden_size` vectors with one strided convolution."""
+
+    def __init__(self, config: ViTRegistersConfig):
+        super().__init__()
+        self.patch_size = config.patch_size
+        self.num_channels = config.num_channels
+        self.projection = nn.Conv2d(
+            config.num_channels, config.hidden_size, kernel_size=config.patch_size, stride=config.patch_size
+        )
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        if pixel_values.ndim != 4:
+            raise ValueError(
+                f"pixel_values must have shape (batch, channels, height, width), got {tuple(pixel_values.shape)}."
+            )
+        channels, height, width = pixel_values.shape[1:]
+        if channels != self.num_channels:
+            raise ValueError(
+                f"pixel_values have {channels} channels but the model expects {self.num_channels} "
+                f"(config.num_channels)."
+            )
+        if not torch.compiler.is_compiling():
+            if height % self.patch_size or width % self.patch_size:
+                raise ValueError(
+                    f"Input size {height}x{width} is not a multiple of the patch size {self.patch_size}: resize or "
+                    f"crop to multiples of {self.patch_size} (e.g. {height // self.patch_size * self.patch_size}x"
+                    f"{width // self.patch_size * self.patch_size})."
+                )
+        pixel_values = pixel_values.to(self.projection.weight.dtype)
+        return self.projection(pixel_values).flatten(2).transpose(1, 2)
+
+
+class ViTRegistersEmbeddings(nn.Module):
+    """Patch embeddings + position embeddings, then the CLS token and the register tokens (no position embedding)."""
+
+    def __init__(self, config: ViTRegistersConfig):
+        super().__init__()
+        self.config = config
+        self.patch_embeddings = ViTRegistersPatchEmbeddings(config)
+        self.grid_size = config.image_grid
+        hidden = config.hidden_size
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, hidden)) if config.use_cls_token else None
+        self.register_tokens = (
+            nn.Parameter(torch.zeros(1, config.num_register_tokens, hidden)) if config.num_register_tokens else None
+        )
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, hidden)) if config.use_mask_token else None
+        self.num_position_prefix = int(config.cls_token_has_position_embedding)
+        num_positions = self.grid_size[0] * self.grid_size[1] + self.num_position_prefix
+        self.position_embeddings = nn.Parameter(torch.zeros(1, num_positions, hidden))
+        self.num_test_time_registers = config.num_test_time_registers
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def interpolate_pos_encoding(self, grid_height: int, grid_width: int) -> torch.Tensor:
+        """Patch position embeddings for a `grid_height` x `grid_width` patch grid, `(1, h * w, hidden)`.
+
+        Bicubic resampling in float32, as official DINOv2: with `interpolate_offset > 0` the grid is resampled by
+        `scale_factor = (n + offset) / M` (DINO's trick against rounding), else to the output size directly.
+        """
+        patch_pos = self.position_embeddings[:, self.num_position_prefix :]
+        stored_height, stored_width = self.grid_size
+        offset = self.config.interpolate_offset
+        # Official DINOv2 skips resampling at the stored grid. An exported graph must not branch on the input size,
+        # so it always resamples: without offset that is an exact identity at the stored grid.
+        if not torch.compiler.is_exporting() and (grid_height, grid_width) == (stored_height, stored_width):
+            return patch_pos
+        dim = patch_pos.shape[-1]
+        grid = patch_pos.float().reshape(1, stored_height, stored_width, dim).permute(0, 3, 1, 2)
+        if offset:
+            scale = ((grid_height + offset) / stored_height, (grid_width + offset) / stored_width)
+            resized = F.interpolate(
+                grid, scale_factor=scale, mode="bicubic", align_corners=False, antialias=self.config.interpolate_antialias
+            )
+        else:
+            resized = F.interpolate(
+                grid,
+                size=(grid_height, grid_width),
+                mode="bicubic",
+                align_corners=False,
+                antialias=self.config.interpolate_antialias,
+            )
+        return resized.permute(0, 2, 3, 1).reshape(1, grid_height * grid_width, dim).to(patch_pos.dtype)
+
+    def forward(self, pixel_values: torch.Tensor, bool_masked_pos: torch.Tensor | None = None) -> torch.Tensor:
+        embeddings = self.patch_embeddings(pixel_values)
+        batch_size, _, height, width = pixel_values.shape
+        if bool_masked_pos is not None:
+            if self.mask_token is None:
+                raise ValueError("bool_masked_pos needs a mask token: this model was built with use_mask_token=False.")
+            mask = bool_masked_pos.reshape(batch_size, -1, 1).to(torch.bool)
+            if mask.shape[1] != embeddings.shape[1]:
+                raise ValueError(
+                    f"bool_masked_pos marks {mask.shape[1]} patches but the image has {embeddings.shape[1]}."
+                )
+            embeddings = torch.where(mask, self.mask_token.to(embeddings.dtype), embeddings)
+        patch_size = self.config.patch_size
+        embeddings = embeddings + self.interpolate_pos_encoding(height // patch_size, width // patch_size)
+
+        prefix = []
+        if self.cls_token is not None:
+            cls_token = self.cls_token
+            if self.num_position_prefix:
+                cls_token = cls_token + self.position_embeddings[:, :1]
+            prefix.append(cls_token.expand(batch_size, -1, -1))
+        if self.register_tokens is not None:
+            prefix.append(self.register_tokens.expand(batch_size, -1, -1))
+        suffix = []
+        if self.num_test_time_registers:
+            suffix.append(embeddings.new_zeros(batch_size, self.num_test_time_registers, embeddings.shape[-1]))
+        embeddings = torch.cat([*prefix, embeddings, *suffix], dim=1)
+        return self.dropout(embeddings)
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(q kᵀ · scaling) v on `(batch, heads, tokens, head_dim)`; returns `(batch, tokens, heads, head_dim)`."""
+    weights = torch.matmul(query, key.transpose(-1, -2)) * scaling
+    if attention_mask is not None:
+        weights = weights + attention_mask
+    weights = weights.softmax(dim=-1)
+    probs = F.dropout(weights, p=dropout, training=module.training)
+    output = torch.matmul(probs, value).transpose(1, 2).contiguous()
+    return output, weights
+
+
+class ViTRegistersAttention(nn.Module):
+    """Multi-head self-attention with a fused qkv projection, dispatched through transformers' attention interface.
+
+    A layer asked for its weights computes them with the eager path; the others keep `config._attn_implementation`.
+    """
+
+    def __init__(self, config: ViTRegistersConfig):
+        super().__init__()
+        self.config = config
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.scaling = self.head_dim**-0.5
+        self.is_causal = False
+        self.attention_dropout = config.attention_probs_dropout_prob
+        self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=config.qkv_bias)
+        self.proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.proj_dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(
+        self, hidden_states: torch.Tensor, output_attentions: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        batch_size, num_tokens, hidden = hidden_states.shape
+        qkv = self.qkv(hidden_states).reshape(batch_size, num_tokens, 3, self.num_heads, self.head_dim)
+        query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        if output_attentions:  # weights asked for this layer: the eager path computes them, other layers stay fast
+            attention = eager_attention_forward
+        else:
+            attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
+        output, weights = attention(
+            self,
+            query,
+            key,
+            value,
+            None,
+            dropout=self.attention_dropout if self.training else 0.0,
+            scaling=self.scaling,
+            is_causal=False,
+        )
+        output = self.proj_dropout(self.proj(output.reshape(batch_size, num_tokens, hidden)))
+        return output, (weights if output_attentions else None)
+
+
+class ViTRegistersLayerScale(nn.Module):
+    """Per-channel residual-branch scale `gamma ⊙ x` (Touvron et al., CaiT §3)."""
+
+    def __init__(self, config: ViTRegistersConfig):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((config.hidden_size,), float(config.layerscale_value)))
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return hidden_states * self.gamma
+
+
+class ViTRegistersDropPath(nn.Module):
+    """Stochastic depth: drops a whole residual branch per sample during training (Huang et al. 2016)."""
+
+    def __init__(self, drop_prob: float):
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.drop_prob == 0.0:
+            return hidden_states
+        keep = 1.0 - self.drop_prob
+        shape = (hidden_states.shape[0],) + (1,) * (hidden_states.ndim - 1)
+        mask = hidden_states.new_empty(shape).bernoulli_(keep)
+        return hidden_states * mask / keep
+
+    def extra_repr(self) -> str:
+        return f"drop_prob={self.drop_prob}"
+
+
+def apply_test_time_registers(hidden: torch.Tensor, neurons: torch.Tensor, num_registers: int) -> torch.Tensor:
+    """Jiang et al. 2025, Algorithm 2, on MLP hidden activations `(batch, tokens, units)`.
+
+    In each register neuron the last `num_registers` tokens (the test-time registers) take the maximum activation
+    over all tokens of their own image, and every other token's activation is set to 0. Every image of the batch is
+    edited independently.
+    """
+    selected = hidden[..., neurons]
+    peak = selected.amax(dim=1, keepdim=True)
+    is_register = torch.zeros(hidden.shape[1], 1, dtype=torch.bool, device=hidden.device)
+    is_register[hidden.shape[1] - num_registers :] = True
+    edited = torch.where(is_register, peak, torch.zeros_like(selected))
+    return hidden.index_copy(-1, neurons, edited)
+
+
+class ViTRegistersMLP(nn.Module):
+    """fc1 → activation → fc2 (`mlp_type="mlp"`), or SwiGLU (`"swiglu"`, DINOv2-g): fc1 packs [gate, value]."""
+
+    def __init__(self, config: ViTRegistersConfig, layer_index: int = 0):
+        super().__init__()
+        hidden = config.mlp_hidden_size
+        self.swiglu = config.mlp_type == "swiglu"
+        self.fc1 = nn.Linear(config.hidden_size, 2 * hidden if self.swiglu else hidden)
+        self.activation = ACT2FN["silu"] if self.swiglu else ACT2FN[config.hidden_act]
+        self.fc2 = nn.Linear(hidden, config.hidden_size)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.register_neurons: tuple[int, ...] = ()
+        self.num_test_time_registers = 0
+        self.set_register_neurons(config.test_time_registers, layer_index)
+
+    def set_register_neurons(self, spec: dict | None, layer_index: int) -> None:
+        """Register neurons of this layer from a `config.test_time_registers` spec (none → plain MLP)."""
+        neurons = (spec or {}).get("neurons") or {}
+        units = neurons.get(str(layer_index), neurons.get(layer_index, []))
+        self.num_test_time_registers = int((spec or {}).get("num_tokens", 0)) if len(units) else 0
+        self.register_neurons = tuple(sorted(int(u) for u in units))
+
+    def hidden_activations(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The MLP hidden units after the activation (for SwiGLU: the gated product); test-time edit applied."""
+        hidden = self.fc1(hidden_states)
+        if self.swiglu:
+            gate, value = hidden.chunk(2, dim=-1)
+            hidden = self.activation(gate) * value
+        else:
+            hidden = self.activation(hidden)
+        if self.num_test_time_registers:
+            neurons = torch.tensor(self.register_neurons, dtype=torch.long, device=hidden.device)
+            hidden = apply_test_time_registers(hidden, neurons, self.num_test_time_registers)
+        return hidden
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        hidden = self.dropout(self.hidden_activations(hidden_states))
+        return self.dropout(self.fc2(hidden))
+
+
+class ViTRegistersLayer(GradientCheckpointingLayer):
+    """Pre-norm block: x + DropPath(LS1(Attn(LN(x)))), then x + DropPath(LS2(MLP(LN(x))))."""
+
+    def __init__(self, config: ViTRegistersConfig, layer_index: int = 0):
+        super().__init__()
+        depth = config.num_hidden_layers
+        drop_path = config.drop_path_rate * layer_index / (depth - 1) if depth > 1 else config.drop_path_rate
+        self.norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.attention = ViTRegistersAttention(config)
+        use_scale = config.layerscale_value is not None
+        self.layer_scale1 = ViTRegistersLayerScale(config) if use_scale else nn.Identity()
+        self.drop_path = ViTRegistersDropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = ViTRegistersMLP(config, layer_index)
+        self.layer_scale2 = ViTRegistersLayerScale(config) if use_scale else nn.Identity()
+
+    def forward(
+        self, hidden_states: torch.Tensor, output_attentions: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        attended, weights = self.attention(self.norm1(hidden_states), output_attentions)
+        hidden_states = hidden_states + self.drop_path(self.layer_scale1(attended))
+        hidden_states = hidden_states + self.drop_path(self.layer_scale2(self.mlp(self.norm2(hidden_states))))
+        return hidden_states, weights
+
+
+def _resolve_layers(layers: int | Iterable[int] | None, depth: int) -> frozenset[int]:
+    if layers is None:
+        return frozenset(range(depth))
+    chosen = [layers] if isinstance(layers, int) else list(layers)
+    resolved = set()
+    for index in chosen:
+        if not -depth <= int(index) < depth:
+            raise ValueError(f"attention_layers: layer {index} does not exist in a {depth}-layer model.")
+        resolved.add(int(index) % depth)
+    return frozenset(resolved)
+
+
+class ViTRegistersEncoder(nn.Module):
+    def __init__(self, config: ViTRegistersConfig):
+        super().__init__()
+        self.layer = nn.ModuleList([ViTRegistersLayer(config, i) for i in range(config.num_hidden_layers)])
+        self.gradient_checkpointing = False
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        output_hidden_states: bool = False,
+        attention_layers: frozenset[int] = frozenset(),
+    ) -> tuple[torch.Tensor, tuple | None, tuple | None]:
+        all_hidden = (hidden_states,) if output_hidden_states else None
+        attentions = () if attention_layers else None
+        for index, layer in enumerate(self.layer):
+            hidden_states, weights = layer(hidden_states, index in attention_layers)
+            if weights is not None:
+                attentions += (weights,)
+            if output_hidden_states:
+                all_hidden += (hidden_states,)
+        return hidden_states, all_hidden, attentions
+
+
+class ViTRegistersPreTrainedModel(PreTrainedModel):
+    config_class = ViTRegistersConfig
+    config: ViTRegistersConfig
+    base_model_prefix = "vit_registers"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["ViTRegistersEmbeddings", "ViTRegistersLayer"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_compile_fullgraph = True
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """Truncated-normal weights (std `initializer_range`), zero biases, unit LayerNorms, LayerScale at its value."""
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            init.trunc_normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, ViTRegistersEmbeddings):
+            init.trunc_normal_(module.position_embeddings, mean=0.0, std=std)
+            for token in (module.cls_token, module.register_tokens):
+                if token is not None:
+                    init.trunc_normal_(token, mean=0.0, std=std)
+            if module.mask_token is not None:
+                init.zeros_(module.mask_token)
+        elif isinstance(module, ViTRegistersLayerScale):
+            init.constant_(module.gamma, self.config.layerscale_value)
+
+
+class ViTRegistersModel(ViTRegistersPreTrainedModel):
+    """The bare encoder: returns CLS, register and patch tokens separately (see [`ViTRegistersModelOutput`])."""
+
+    def __init__(self, config: ViTRegistersConfig):
+        super().__init__(config)
+        self.embeddings = ViTRegistersEmbeddings(config)
+        self.encoder = ViTRegistersEncoder(config)
+        self.layernorm = (
+            nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if config.use_final_norm else nn.Identity()
+        )
+        self.fc_norm = (
+            nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if config.use_fc_norm else nn.Identity()
+        )
+        self.post_init()
+
+    def get_input_embeddings(self) -> ViTRegistersPatchEmbeddings:
+        return self.embeddings.patch_embeddings
+
+    def set_test_time_registers(self, neurons: dict[int, Sequence[int]] | None, num_tokens: int = 1) -> None:
+        """Enable test-time registers (Jiang et al. 2025) with the given register neurons `{layer: [unit, ...]}`, or
+        disable them with `None`. Stored in the config, so `save_pretrained` / `from_pretrained` reproduce it."""
+        if neurons is None or num_tokens == 0:
+            spec = None
+        else:
+            if num_tokens < 1:
+                raise ValueError(f"num_tokens must be >= 1, got {num_tokens}.")
+            spec = {"num_tokens": int(num_tokens), "neurons": {str(int(k)): sorted(int(u) for u in v) for k, v in neurons.items()}}
+        previous = self.config.test_time_registers
+        self.config.test_time_registers = spec
+        try:
+            self.config._check_values()
+        except ValueError:
+            self.config.test_time_registers = previous
+            raise
+        self.embeddings.num_test_time_registers = self.config.num_test_time_registers
+        for index, layer in enumerate(self.encoder.layer):
+            layer.mlp.set_register_neurons(spec, index)
+
+    def split_tokens(self, tokens: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """Split a `(batch, tokens, hidden)` sequence into (CLS or None, registers incl. test-time, patches)."""
+        config = self.config
+        start = int(config.use_cls_token)
+        cls_token = tokens[:, 0] if config.use_cls_token else None
+        trained = tokens[:, start : start + config.num_register_tokens]
+        extra = config.num_test_time_registers
+        end = tokens.shape[1] - extra
+        patches = tokens[:, start + config.num_register_tokens : end]
+        registers = torch.cat([trained, tokens[:, end:]], dim=1) if extra else trained
+        return cls_token, registers, patches
+
+    def pool(self, cls_token: torch.Tensor | None, patch_tokens: torch.Tensor) -> torch.Tensor:
+        """`config.pooling`: CLS, fc_norm(mean of patches), or both concatenated. Registers are never pooled."""
+        if self.config.pooling == "cls":
+            return cls_token
+        mean = self.fc_norm(patch_tokens.mean(dim=1))
+        return mean if self.config.pooling == "mean" else torch.cat([cls_token, mean], dim=-1)
+
+    @can_return_tuple
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        bool_masked_pos: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        attention_layers: int | Sequence[int] | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> ViTRegistersModelOutput:
+        r"""
+        Args:
+            pixel_values (`(batch, channels, height, width)`): height and width any multiples of the patch size.
+            bool_masked_pos (`(batch, patches)` bool, *optional*): patches replaced by the mask token.
+            output_hidden_states (`bool`): return the L+1 hidden states before the final norm.
+            output_attentions (`bool`): return attention weights (under every attention backend).
+            attention_layers (`int` or list of `int`, *optional*): with `output_attentions`, only these layers
+                (negative indices count from the end) compute weights; the others keep the fast backend. Implies
+                `output_attentions=True` when given.
+        """
+        if pixel_values is None:
+            raise ValueError("pixel_values is required.")
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        if output_attentions is None:
+            output_attentions = self.config.output_attentions or attention_layers is not None
+        chosen = _resolve_layers(attention_layers, self.config.num_hidden_layers) if output_attentions else frozenset()
+
+        embeddings = self.embeddings(pixel_values, bool_masked_pos=bool_masked_pos)
+        last, hidden_states, attentions = self.encoder(embeddings, output_hidden_states, chosen)
+        sequence = self.layernorm(last)
+        cls_token, register_tokens, patch_tokens = self.split_tokens(sequence)
+        return ViTRegistersModelOutput(
+            last_hidden_state=sequence,
+            pooler_output=self.pool(cls_token, patch_tokens),
+            register_tokens=register_tokens,
+            patch_tokens=patch_tokens,
+            hidden_states=hidden_states,
+            attentions=attentions,
+        )
+
+
+class ViTRegistersForImageClassification(ViTRegistersPreTrainedModel):
+    """Encoder + linear classifier on `pooler_output` (CLS, mean of patches, or both as in DINOv2's linear head)."""
+
+    def __init__(self, config: ViTRegistersConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.vit_registers = ViTRegistersModel(config)
+        features = config.hidden_size * (2 if config.pooling == "cls_mean" else 1)
+        self.classifier = nn.Linear(features, config.num_labels) if config.num_labels > 0 else nn.Identity()
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        attention_layers: int | Sequence[int] | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> ImageClassifierOutput:
+        outputs = self.vit_registers(
+            pixel_values,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+            attention_layers=attention_layers,
+        )
+        logits = self.classifier(outputs.pooler_output)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(labels, logits, self.config, **kwargs)
+        return ImageClassifierOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
+
+
+class ViTRegistersBackbone(BackboneMixin, ViTRegistersPreTrainedModel):
+    """Feature maps of chosen stages (`out_features` / `out_indices`), CLS and registers removed, NCHW by default."""
+
+    def __init__(self, config: ViTRegistersConfig):
+        super().__init__(config)
+        self.num_features = [config.hidden_size] * (config.num_hidden_layers + 1)
+        self.vit_registers = ViTRegistersModel(config)
+        self.post_init()
+
+    def get_input_embeddings(self) -> ViTRegistersPatchEmbeddings:
+        return self.vit_registers.embeddings.patch_embeddings
+
+    @can_return_tuple
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> BackboneOutput:
+        model = self.vit_registers
+        outputs = model(pixel_values, output_hidden_states=True, output_attentions=output_attentions)
+        batch_size, _, height, width = pixel_values.shape
+        patch = self.config.patch_size
+        feature_maps = ()
+        for stage, hidden_state in zip(self.stage_names, outputs.hidden_states):
+            if stage not in self.out_features:
+                continue
+            if self.config.apply_layernorm:
+                hidden_state = model.layernorm(hidden_state)
+            if self.config.reshape_hidden_states:
+                _, _, patches = model.split_tokens(hidden_state)
+                hidden_state = patches.reshape(batch_size, height // patch, width // patch, -1)
+                hidden_state = hidden_state.permute(0, 3, 1, 2).contiguous()
+            feature_maps += (hidden_state,)
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        return BackboneOutput(
+            feature_maps=feature_maps,
+            hidden_states=outputs.hidden_states if output_hidden_states else None,
+            attentions=outputs.attentions,
+        )
+
+
+__all__ = [
+    "ViTRegistersModelOutput",
+    "ViTRegistersPreTrainedModel",
+    "ViTRegistersModel",
+    "ViTRegistersForImageClassification",
+    "ViTRegistersBackbone",
+    "apply_test_time_registers",
+]
