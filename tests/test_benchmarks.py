@@ -1,4 +1,5 @@
-"""Smoke tests of the benchmark harness (issue 3): same weights everywhere, FLOP count, CLI and JSON."""
+"""Tests of the benchmark harness (issue 3): same weights everywhere, parity before timing, FLOP count, every section's
+--quick smoke on a tiny architecture, JSON/Markdown output and bad arguments."""
 
 from __future__ import annotations
 
@@ -12,28 +13,38 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `benchmarks` lives at the repository root
 
-from benchmarks.run import (  # noqa: E402
+from benchmarks import attention, forward, interventions, training  # noqa: E402
+from benchmarks.common import (  # noqa: E402
     IMPLEMENTATIONS,
+    OURS,
+    ParityError,
     build_implementations,
+    build_models,
     check_parity,
     forward_flops,
-    main,
+    markdown_table,
+    time_alternating,
     to_transformers,
 )
+from benchmarks.run import SECTIONS, main  # noqa: E402
 from vit_registers import ViTRegistersConfig, ViTRegistersModel  # noqa: E402
+
+TINY = ["--quick", "--archs", "tiny", "--image-sizes", "28", "--batch-sizes", "2", "--attention-sizes", "28,42",
+        "--training-image-size", "28", "--repeats", "2", "--conversion-arch", "tiny", "--threads", "1"]
+# one thread: on a shared CPU, two-thread ops on a tiny model wait for the second core (the numbers are not checked)
 
 
 def test_every_implementation_gets_the_same_weights():
     forwards, config = build_implementations("tiny", 28, seed=0)
     assert set(forwards) == set(IMPLEMENTATIONS)
     differences = check_parity(forwards, 28, seed=1)
-    assert set(differences) == set(IMPLEMENTATIONS) - {"vit-registers"}
+    assert set(differences) == set(IMPLEMENTATIONS) - {OURS}
     assert max(differences.values()) < 1e-5
 
     # The check notices an implementation with other weights.
     broken = dict(forwards)
     broken["timm"] = lambda x: forwards["timm"](x) + 0.01
-    with pytest.raises(RuntimeError, match="not the same weights"):
+    with pytest.raises(ParityError, match="not the same weights"):
         check_parity(broken, 28, seed=1)
 
 
@@ -51,13 +62,13 @@ def test_to_transformers_reproduces_our_tokens(cls_position):
     x = torch.randn(2, 3, 28, 28)
     with torch.no_grad():
         expected = ours(pixel_values=x).last_hidden_state
-        for attention in ("sdpa", "eager"):
-            hf = to_transformers(ours, attention)
+        for implementation in ("sdpa", "eager"):
+            hf = to_transformers(ours, implementation)
             torch.testing.assert_close(hf(pixel_values=x).last_hidden_state, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_forward_flops_match_torch_flop_counter():
-    _, config = build_implementations("tiny", 28, seed=0, names=("vit-registers",))
+    _, config = build_implementations("tiny", 28, seed=0, names=(OURS,))
     ours = ViTRegistersModel(config).eval()
     hf = to_transformers(ours, "eager")  # eager attention: every product is a visible matmul
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
@@ -67,22 +78,217 @@ def test_forward_flops_match_torch_flop_counter():
     assert forward_flops(config, 1, 28, 0) < forward_flops(config, 1, 28, 4) < forward_flops(config, 1, 28, 16)
 
 
-def test_cli_smoke_writes_table_and_json(tmp_path, capsys):
-    out = tmp_path / "bench.json"
-    args = ["--archs", "tiny", "--image-sizes", "28", "--batch-sizes", "2", "--repeats", "2", "--warmup", "1"]
-    assert main([*args, "--json", str(out)]) == 0
+def test_attention_maps_of_every_implementation_agree():
+    models = build_models("tiny", 42, seed=0, names=attention.IMPLEMENTATIONS)
+    forwards = attention.attention_forwards(models)
+    x = torch.randn(2, 3, 42, 42)
+    with torch.inference_mode():
+        maps = {name: f(x) for name, f in forwards.items()}
+    tokens = 1 + 4 + 9
+    for name, weights in maps.items():
+        assert weights.shape == (2, 1, tokens, tokens), name
+        torch.testing.assert_close(weights.sum(-1), torch.ones(2, 1, tokens))
+        torch.testing.assert_close(weights, maps[OURS], atol=1e-5, rtol=0)
+    assert max(check_parity(forwards, 42, seed=0, atol=1e-5).values()) < 1e-5
+    # timm's hook-recomputed map follows timm's weights: different weights are caught.
+    with torch.no_grad():
+        models["timm"].blocks[-1].attn.qkv.weight.mul_(1.5)
+    with pytest.raises(ParityError):
+        check_parity(forwards, 42, seed=0, atol=1e-5)
+
+
+def test_training_classifiers_share_weights_and_step():
+    models = training.build_classifiers("tiny", 28, seed=0)
+    assert set(models) == set(training.IMPLEMENTATIONS)
+    assert models[OURS].config.pooling == "cls_mean"
+    differences = training.check_training_parity(models, 28, seed=0)
+    assert max(differences.values()) < 1e-5
+
+    labels = torch.tensor([3, 7])
+    steps = training.training_steps(models, labels)
+    before = models[OURS].classifier.weight.detach().clone()
+    times = time_alternating(steps, torch.randn(2, 3, 28, 28), repeats=1, warmup=0, grad=True)
+    assert set(times) == set(models) and all(len(t) == 1 for t in times.values())
+    assert not torch.equal(before, models[OURS].classifier.weight)  # AdamW really stepped
+
+    with torch.no_grad():  # a different head is caught (logits and gradients compared)
+        models["transformers-sdpa"].classifier.bias.add_(0.1)
+    with pytest.raises(ParityError, match="transformers-sdpa"):
+        training.check_training_parity(models, 28, seed=0)
+
+
+def test_spread_neurons_spreads_distinct_units_over_early_layers():
+    config = ViTRegistersConfig(hidden_size=64, num_hidden_layers=8, num_attention_heads=1, mlp_ratio=4.0)
+    neurons = interventions.spread_neurons(config, 50, seed=0)
+    assert sum(len(units) for units in neurons.values()) == 50
+    assert set(neurons) == set(range(6))  # ¾ of 8 layers
+    assert all(len(set(units)) == len(units) and max(units) < config.mlp_hidden_size for units in neurons.values())
+    assert max(map(len, neurons.values())) - min(map(len, neurons.values())) <= 1
+
+
+def test_parity_failure_stops_before_anything_is_timed(monkeypatch, capsys):
+    forwards, config = build_implementations("tiny", 28, seed=0)
+    broken = {**forwards, "timm": lambda x: forwards["timm"](x) * 2}
+    monkeypatch.setattr(forward, "build_implementations", lambda *args, **kwargs: (broken, config))
+
+    def no_timing(*args, **kwargs):
+        raise AssertionError("timed despite a parity failure")
+
+    monkeypatch.setattr(forward, "time_alternating", no_timing)
+    assert main([*TINY, "--sections", "forward"]) == 1
+    err = capsys.readouterr().err
+    assert "parity check failed" in err and "timm" in err and "Traceback" not in err
+
+
+def test_smoke_of_in_process_sections(tmp_path, capsys):
+    """Without --quick (every option given explicitly), so that the full run's code paths are the ones exercised."""
+    sections = [s for s in SECTIONS if s not in ("memory", "conversion")]
+    out, md = tmp_path / "bench.json", tmp_path / "bench.md"
+    argv = [a for a in TINY if a != "--quick"] + ["--warmup", "1", "--training-batch-size", "2"]
+    assert main([*argv, "--sections", ",".join(sections), "--json", str(out), "--markdown", str(md)]) == 0
     printed = capsys.readouterr().out
-    assert "| ViT-tiny reg4 | 28² | 2 | timm |" in printed and "Cost of registers" in printed
+    assert "| ViT-tiny reg4 | 28² | 2 | timm |" in printed and "### Cost of registers" in printed
+    assert md.read_text() in printed + "\n"
     result = json.loads(out.read_text())
-    rows = {row["implementation"]: row for row in result["forward"]}
-    assert set(rows) == set(IMPLEMENTATIONS)
-    assert rows["vit-registers"]["ratio_ours_over_this"] == pytest.approx(1.0)
-    for row in rows.values():
-        assert row["images_per_s"] > 0 and len(row["times_s"]) == 2
-        assert row["ratio_ours_over_this"] == pytest.approx(row["median_s"] / rows["vit-registers"]["median_s"])
-    assert [r["registers"] for r in result["registers"]] == [0, 1, 4, 16]
+    assert list(result["sections"]) == sections
     assert result["gemm_peak_gflops"] > 0 and result["machine"]["torch"] == torch.__version__
 
-    assert main(["--archs", "L/99"]) == 2
-    assert "unknown arch" in capsys.readouterr().err
-    assert main(["--archs", "tiny", "--image-sizes", "30"]) == 2
+    rows = {row["implementation"]: row for row in result["sections"]["forward"]["rows"]}
+    assert set(rows) == set(IMPLEMENTATIONS)
+    for row in rows.values():
+        assert row["images_per_s"] > 0 and len(row["times_s"]) == 2
+        assert row["ratio_ours_over_this"] == pytest.approx(row["median_s"] / rows[OURS]["median_s"])
+    assert set(result["sections"]["forward"]["parity_max_abs_diff"]["tiny@28"]) == set(IMPLEMENTATIONS) - {OURS}
+    (best,) = result["sections"]["forward"]["best_peer"]  # the goal of issue 3 is stated against the best peer
+    assert best["ratio"] == min(r["ratio_ours_over_this"] for n, r in rows.items() if n != OURS)
+    assert rows[best["best_peer"]]["ratio_ours_over_this"] == best["ratio"] and "Against the best peer" in printed
+    registers = result["sections"]["registers"]["rows"]
+    assert [r["registers"] for r in registers] == [0, 1, 4, 16]
+    assert all(r["images_per_s"] > 0 for r in registers) and registers[0]["throughput_vs_0"] == 1.0
+    config = build_implementations("tiny", 28, 0, (OURS,))[1]
+    four_over_zero = forward_flops(config, 2, 28, 4) / forward_flops(config, 2, 28, 0)
+    assert registers[2]["flops_vs_0"] == pytest.approx(four_over_zero)
+
+    maps = result["sections"]["attention"]["rows"]
+    assert {(r["image_size"], r["implementation"]) for r in maps} == {
+        (s, n) for s in (28, 42) for n in attention.IMPLEMENTATIONS
+    }
+    steps = {r["implementation"]: r for r in result["sections"]["training"]["rows"]}
+    assert set(steps) == set(training.IMPLEMENTATIONS) and steps[OURS]["batch_size"] == 2
+    assert steps["transformers-eager"]["ratio_ours_over_this"] == pytest.approx(
+        steps["transformers-eager"]["median_s"] / steps[OURS]["median_s"]
+    )
+    ttr = {r["implementation"]: r for r in result["sections"]["test-time-registers"]["rows"]}
+    assert ttr[OURS]["throughput_vs_plain"] == 1.0
+    assert ttr[interventions.WITH_TTR]["throughput_vs_plain"] == pytest.approx(
+        ttr[OURS]["median_s"] / ttr[interventions.WITH_TTR]["median_s"]
+    )
+    assert result["sections"]["test-time-registers"]["setup"]["tiny@28"]["neurons"] == 50
+    calls = {(r["image_size"], r["implementation"]) for r in result["sections"]["analysis"]["rows"]}
+    assert calls == {(s, n) for s in (28, 42) for n in ("forward", "analyze_batch")}
+
+
+def test_quick_smoke_of_memory_and_conversion(tmp_path, capsys):
+    """Each number comes from a fresh worker process: inference per implementation, conversion of an official .pth."""
+    out = tmp_path / "bench.json"
+    argv = [*TINY, "--sections", "memory,conversion", "--implementations", "vit-registers,transformers-eager",
+            "--image-sizes", "224"]
+    assert main([*argv, "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    rows = {r["implementation"]: r for r in result["sections"]["memory"]["rows"]}
+    assert set(rows) == {OURS, "transformers-eager"}
+    for row in rows.values():
+        assert row["method"] == "VmHWM after clear_refs"
+        assert 0 <= row["inference_mb"] < row["peak_mb"] and row["baseline_mb"] > 100  # libraries are resident
+        assert row["peak_mb"] == pytest.approx(row["baseline_mb"] + row["inference_mb"], abs=0.01)
+    if rows[OURS]["inference_mb"] > 0:
+        ratio = rows["transformers-eager"]["inference_mb"] / rows[OURS]["inference_mb"]
+        assert rows["transformers-eager"]["ratio_ours_over_this"] == pytest.approx(ratio)
+    (conversion,) = result["sections"]["conversion"]["rows"]
+    assert 0 < conversion["checkpoint_mb"] < conversion["peak_mb"]
+    assert conversion["peak_over_file"] == pytest.approx(conversion["peak_mb"] / conversion["checkpoint_mb"])
+    assert list(conversion["stages_mb"]) == ["imports", "torch.load", "rename", "model init", "converted"]
+    assert "| ViT-tiny (official .pth) |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--archs", "L/99"], "unknown arch L/99"),
+        (["--sections", "forward,speed"], "unknown section speed"),
+        (["--implementations", "onnx"], "unknown implementation onnx"),
+        (["--image-sizes", "30"], "multiples of 14"),
+        (["--attention-sizes", "0"], "multiples of 14"),
+        (["--batch-sizes", "0"], "batch sizes must be positive"),
+        (["--repeats", "0"], "expected a positive integer"),
+        (["--image-sizes", "a,b"], "comma-separated list"),
+        (["--conversion-arch", "XL"], "invalid choice"),
+    ],
+)
+def test_bad_arguments_exit_2_with_one_message(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_markdown_table_alignment():
+    table = markdown_table(["a", "b"], [[1, "x"]], "lr")
+    assert table.splitlines() == ["| a | b |", "|---|---:|", "| 1 | x |"]
+
+
+@pytest.mark.parametrize("entry", [["-m", "benchmarks"], ["benchmarks/run.py"]])
+def test_command_line_entry_points_report_bad_arguments_in_one_line(entry):
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    process = subprocess.run(
+        [sys.executable, *entry, "--sections", "forward,nope"], cwd=root, capture_output=True, text=True, timeout=120
+    )
+    assert process.returncode == 2
+    assert process.stderr.strip().splitlines() == [
+        "benchmarks: error: unknown section nope (known: " + ", ".join(SECTIONS) + ")"
+    ]
+
+
+@pytest.mark.slow
+def test_compiled_rows_are_compared_with_our_compiled_model(tmp_path):
+    out = tmp_path / "bench.json"
+    argv = [*TINY, "--sections", "forward", "--compile", "--implementations", "vit-registers,timm"]
+    assert main([*argv, "--json", str(out)]) == 0
+    rows = {r["implementation"]: r for r in json.loads(out.read_text())["sections"]["forward"]["rows"]}
+    assert set(rows) == {OURS, "timm", f"{OURS}+compile", "timm+compile"}
+    assert rows["timm+compile"]["ratio_ours_over_this"] == pytest.approx(
+        rows["timm+compile"]["median_s"] / rows[f"{OURS}+compile"]["median_s"]
+    )
+    assert rows["timm"]["ratio_ours_over_this"] == pytest.approx(rows["timm"]["median_s"] / rows[OURS]["median_s"])
+
+
+def test_a_failing_section_keeps_the_results_of_earlier_ones(monkeypatch, tmp_path, capsys):
+    import benchmarks.run as run
+
+    def broken(args, context):
+        raise RuntimeError("worker died")
+
+    monkeypatch.setitem(run.SECTIONS, "analysis", broken)
+    out, md = tmp_path / "sub" / "bench.json", tmp_path / "bench.md"
+    assert main([*TINY, "--sections", "registers,analysis", "--json", str(out), "--markdown", str(md)]) == 1
+    assert "benchmarks: error: analysis: worker died" in capsys.readouterr().err
+    assert list(json.loads(out.read_text())["sections"]) == ["registers"]
+    assert "### Cost of registers" in md.read_text() and "analysis" not in md.read_text().lower()
+
+
+def test_slow_cases_are_capped_but_keep_three_rounds():
+    import time
+
+    calls = []
+
+    def slow(x):
+        calls.append(x)
+        time.sleep(0.1)
+
+    times = time_alternating({"a": slow}, 0, repeats=10, warmup=2, max_seconds=0.2)
+    assert len(times["a"]) == 3 and len(calls) == 4  # one warm-up round (> max/4), then the minimum of 3 rounds
+    calls.clear()
+    times = time_alternating({"a": lambda x: calls.append(x), "b": lambda x: None}, 0, repeats=5, warmup=2,
+                             max_seconds=60)
+    assert len(times["a"]) == len(times["b"]) == 5 and len(calls) == 7  # fast: every repeat, both warm-up rounds

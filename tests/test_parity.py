@@ -220,3 +220,16 @@ def test_timm_head_count_comes_from_the_registry_when_the_width_matches():
     assert _timm_registry_hints("vit_little_patch16_reg1_gap_256", 64) == {}  # another width: not that model
     with pytest.raises(ValueError, match="Unknown timm architecture"):
         _timm_registry_hints("vit_does_not_exist", 64)
+
+
+def test_convert_never_shares_storage_with_a_callers_state_dict():
+    reference = redraw_(timm.create_model("deit3_small_patch16_224", pretrained=False, img_size=64, **SMALL))
+    state = reference.state_dict()
+    model = convert("timm", state, num_attention_heads=4)
+    assert all(p.device.type == "cpu" and p.requires_grad for p in model.parameters())
+    pointers = {t.untyped_storage().data_ptr() for t in state.values()}
+    assert not any(p.untyped_storage().data_ptr() in pointers for p in model.parameters())
+    with torch.no_grad():
+        reference.pos_embed.add_(torch.randn_like(reference.pos_embed))  # (a constant would vanish in LayerNorm)
+    pixels = torch.randn(1, 3, 64, 64)
+    assert (model_tokens(model, pixels)["patches"] - reference_tokens(reference, pixels)["patches"]).abs().max() > 1e-3

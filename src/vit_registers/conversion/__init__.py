@@ -276,7 +276,8 @@ def convert(
     config = infer_config(source, renamed, arch, **config_overrides)
     if config.layerscale_value is not None and "encoder.layer.0.layer_scale1.gamma" not in renamed:
         raise ConversionError("The configuration asks for LayerScale but the checkpoint has none.")
-    model = ViTRegistersModel(config)
+    with torch.device("meta"):  # no random init: the checkpoint's tensors become the parameters (peak ≈ 1× weights)
+        model = ViTRegistersModel(config)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(renamed))
     if missing:
@@ -288,7 +289,9 @@ def convert(
             raise ConversionError(
                 f"Shape mismatch for {key}: checkpoint {tuple(tensor.shape)}, model {tuple(expected[key].shape)}."
             )
-    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in renamed.items()}, strict=True)
+    caller_owned = isinstance(checkpoint, Mapping)  # never share storage with the caller's tensors
+    weights = {k: v.to(expected[k].dtype, copy=caller_owned).contiguous() for k, v in renamed.items()}
+    model.load_state_dict(weights, strict=True, assign=True)
     return model.eval()
 
 
