@@ -7,14 +7,13 @@ transformers Dinov2 / Dinov2WithRegisters, and official-DINOv2-format state dict
 from __future__ import annotations
 
 import pytest
+import timm  # a test extra: the parity references must exist, these tests are never skipped
 import torch
 import torch.nn.functional as F
+import transformers
 from safetensors.torch import load_file, save_file
 
 from vit_registers.conversion import build_reference, convert, model_tokens, reference_tokens
-
-timm = pytest.importorskip("timm")
-transformers = pytest.importorskip("transformers")
 
 TOLERANCE = 1e-5
 SMALL = dict(embed_dim=64, depth=2, num_heads=4)
