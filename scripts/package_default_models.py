@@ -17,8 +17,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-KEEP = ("config.json", "model.safetensors", "preprocessor_config.json", "configuration_vit_registers.py",
-        "modeling_vit_registers.py", "training_log.json")
+# The code files are not copied: inside the package the installed classes load these models.
+KEEP = ("config.json", "model.safetensors", "preprocessor_config.json", "training_log.json")
 
 
 def training_command(name: str) -> str:

@@ -240,3 +240,25 @@ def test_position_and_reconstruction_probes():
     assert reconstruction_probe(encoded, synthetic_pixels, ridge=1e-8).mean < 1e-6
     unrelated = reconstruction_probe(torch.randn(20, 4, 16, generator=generator), targets)
     assert unrelated.mean >= 0.9 * float(targets.var())  # no better than predicting the mean pixel
+
+
+def test_probe_tokens_pick_the_requested_token_of_each_image():
+    from vit_registers.probes import probe_tokens
+
+    model = planted_model(units=(3, 7))
+    images = bright_patch_images(4)
+    out = model(images, output_hidden_states=True)
+    states = out.hidden_states
+    cls_features, kept = probe_tokens(model, images, "cls", layer=1)
+    torch.testing.assert_close(cls_features, states[1][:, 0])
+    assert kept.tolist() == [0, 1, 2, 3]
+    last_norms = states[-1][:, 1:].norm(dim=-1)
+    threshold = float(last_norms.median()) * 1.5
+    outlier_features, kept = probe_tokens(model, images, "outlier_patch", layer=-1, threshold=threshold)
+    assert (outlier_features.norm(dim=-1) > threshold).all() and len(kept) >= 1
+    normal_features, _ = probe_tokens(model, images, "normal_patch", layer=-1, threshold=threshold)
+    assert (normal_features.norm(dim=-1) <= threshold).all()
+    registers, _ = probe_tokens(tiny_model(), images, "register", register_index=3)
+    assert registers.shape == (4, 32)
+    with pytest.raises(ValueError, match="needs the outlier norm threshold"):
+        probe_tokens(model, images, "outlier_patch")

@@ -115,7 +115,7 @@ def test_attention_of_chosen_layers_only():
     some = model(pixels, output_attentions=True, attention_layers=[0, 2])
     torch.testing.assert_close(torch.stack(some.attentions), torch.stack([full.attentions[0], full.attentions[2]]))
     torch.testing.assert_close(last.last_hidden_state, full.last_hidden_state, atol=1e-6, rtol=0)
-    with pytest.raises(ValueError, match="layer 5 does not exist"):
+    with pytest.raises(ValueError, match="Layer 5 does not exist"):
         model(pixels, attention_layers=[5])
 
 

@@ -81,3 +81,28 @@ def test_readme_main_command_runs_without_network(tmp_path):
     for image in stats["images"]:
         for figure in image["figures"].values():
             assert (tmp_path / "demo" / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_default_model_recipe_smoke_trains(tmp_path):
+    """The exact recipe of scripts/train_default_models.sh, for 2 steps on a tiny generated dataset."""
+    import shlex
+
+    script = (ROOT / "scripts" / "train_default_models.sh").read_text()
+    flags = script[script.index("scripts/finetune.py") + len("scripts/finetune.py") : script.index('> "$out')]
+    args = shlex.split(flags.replace("\\\n", " ").replace("$name", MODEL_NAMES[4]))
+    dataset = tmp_path / "objects"
+    generate_dataset(dataset, seed=0, image_size=32, num_train=2, num_validation=1, num_test=1)
+    values = dict(zip(args[::2], args[1:][::2]))
+    assert values["--model-config"] == f"scripts/default_models/{MODEL_NAMES[4]}.json"
+    values.update({"--model-config": str(ROOT / values["--model-config"]), "--dataset": str(dataset),
+                   "--output-dir": str(tmp_path / "run"), "--per-device-batch-size": "4"})
+    values.pop("--num-train-epochs")
+    command = [sys.executable, str(ROOT / "scripts" / "finetune.py"), "--max-steps", "2"]
+    for flag, value in values.items():
+        command += [flag, value]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    log = json.loads((tmp_path / "run" / "training_log.json").read_text())
+    assert log["completed_steps"] == 2 and log["num_register_tokens"] == 4
+    model = AutoModelForImageClassification.from_pretrained(tmp_path / "run")
+    assert model.config.hidden_size == json.loads((default_model_path(4) / "config.json").read_text())["hidden_size"]

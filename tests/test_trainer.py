@@ -149,3 +149,25 @@ def test_trainer_gradient_accumulation_matches_full_batch(tmp_path):
                               initial.state_dict()["vit_registers.encoder.layer.0.mlp.fc1.weight"])
     for name in weights[0]:
         torch.testing.assert_close(weights[1][name], weights[0][name], atol=2e-5, rtol=1e-4, msg=name)
+
+
+def test_trainer_push_to_hub_over_http(tmp_path, hub_server, monkeypatch):
+    """Trainer's own `push_to_hub`, against the Hub-compatible server on 127.0.0.1; the pushed model reloads."""
+    from huggingface_hub import HfApi
+    from transformers import AutoModelForImageClassification, Trainer
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    train, _ = _load(tmp_path)
+    model, processor = _model_and_processor(_pretrained_dir(tmp_path), train)
+    train.set_transform(hf_transform(processor, train=True))
+    args = _args(tmp_path, num_train_epochs=1, push_to_hub=True, hub_model_id="test-user/trainer-push",
+                 hub_strategy="end")
+    trainer = Trainer(model=model, args=args, train_dataset=train, data_collator=collate, processing_class=processor)
+    trainer.train()
+    trainer.push_to_hub()
+    files = set(HfApi().list_repo_files("test-user/trainer-push"))
+    assert {"model.safetensors", "config.json", "preprocessor_config.json", "modeling_vit_registers.py"} <= files
+    pushed = AutoModelForImageClassification.from_pretrained("test-user/trainer-push").eval()
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(pushed(pixels).logits, trainer.model.eval()(pixels).logits)

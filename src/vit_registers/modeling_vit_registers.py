@@ -359,16 +359,17 @@ class ViTRegistersLayer(GradientCheckpointingLayer):
         return hidden_states, weights
 
 
-def _resolve_layers(layers: int | Iterable[int] | None, depth: int) -> frozenset[int]:
+def resolve_layer_indices(layers: int | Iterable[int] | None, depth: int) -> tuple[int, ...]:
+    """Sorted, unique, non-negative layer indices (negative ones count from the end); `None` means every layer."""
     if layers is None:
-        return frozenset(range(depth))
+        return tuple(range(depth))
     chosen = [layers] if isinstance(layers, int) else list(layers)
     resolved = set()
     for index in chosen:
         if not -depth <= int(index) < depth:
-            raise ValueError(f"attention_layers: layer {index} does not exist in a {depth}-layer model.")
+            raise ValueError(f"Layer {index} does not exist in a {depth}-layer model (valid: {-depth}..{depth - 1}).")
         resolved.add(int(index) % depth)
-    return frozenset(resolved)
+    return tuple(sorted(resolved))
 
 
 class ViTRegistersEncoder(nn.Module):
@@ -514,7 +515,8 @@ class ViTRegistersModel(ViTRegistersPreTrainedModel):
             output_hidden_states = self.config.output_hidden_states
         if output_attentions is None:
             output_attentions = self.config.output_attentions or attention_layers is not None
-        chosen = _resolve_layers(attention_layers, self.config.num_hidden_layers) if output_attentions else frozenset()
+        depth = self.config.num_hidden_layers
+        chosen = frozenset(resolve_layer_indices(attention_layers, depth)) if output_attentions else frozenset()
 
         embeddings = self.embeddings(pixel_values, bool_masked_pos=bool_masked_pos)
         last, hidden_states, attentions = self.encoder(embeddings, output_hidden_states, chosen)
@@ -619,4 +621,5 @@ __all__ = [
     "ViTRegistersForImageClassification",
     "ViTRegistersBackbone",
     "apply_test_time_registers",
+    "resolve_layer_indices",
 ]

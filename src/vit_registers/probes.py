@@ -146,12 +146,67 @@ def reconstruction_probe(
     return _result(scores, "mse")
 
 
+TOKEN_KINDS = ("cls", "register", "normal_patch", "outlier_patch")
+
+
+@torch.no_grad()
+def probe_tokens(
+    model,
+    pixel_values: torch.Tensor,
+    kind: str = "cls",
+    layer: int = -1,
+    register_index: int = 0,
+    threshold: float | None = None,
+    seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token per image for single-token probes (Darcet et al. 2024, Table 1): `"cls"`, `"register"` (number
+    `register_index`), a random `"normal_patch"` or a random `"outlier_patch"` (norm above `threshold` at the last
+    layer, before the final norm), taken from hidden state `layer` (0 = embeddings, -1 = last layer).
+
+    Returns `(features (n, dims), image_indices (n,))`: images without a patch of the requested kind are left out.
+    """
+    if kind not in TOKEN_KINDS:
+        raise ValueError(f"kind must be one of {TOKEN_KINDS}, got {kind!r}.")
+    base = getattr(model, "vit_registers", model)
+    config = base.config
+    hidden_states = base(pixel_values, output_hidden_states=True).hidden_states
+    tokens = hidden_states[layer]
+    start = config.num_prefix_tokens
+    end = tokens.shape[1] - config.num_test_time_registers
+    images = torch.arange(tokens.shape[0])
+    if kind == "cls":
+        if not config.use_cls_token:
+            raise ValueError("This model has no CLS token.")
+        return tokens[:, 0], images
+    if kind == "register":
+        if not 0 <= register_index < config.num_register_tokens:
+            raise ValueError(f"Register {register_index} does not exist (the model has {config.num_register_tokens}).")
+        return tokens[:, int(config.use_cls_token) + register_index], images
+    if threshold is None:
+        raise ValueError(f"kind={kind!r} needs the outlier norm threshold.")
+    outliers = hidden_states[-1][:, start:end].norm(dim=-1) > threshold
+    wanted = outliers if kind == "outlier_patch" else ~outliers
+    generator = torch.Generator().manual_seed(seed)
+    chosen, kept = [], []
+    for image in range(tokens.shape[0]):
+        candidates = torch.nonzero(wanted[image]).flatten()
+        if len(candidates):
+            pick = candidates[torch.randint(len(candidates), (1,), generator=generator)].item()
+            chosen.append(tokens[image, start + pick])
+            kept.append(image)
+    if not chosen:
+        return tokens.new_zeros(0, tokens.shape[-1]), torch.zeros(0, dtype=torch.long)
+    return torch.stack(chosen), torch.tensor(kept)
+
+
 def _result(scores: list[float], metric: str) -> ProbeResult:
     spread = statistics.stdev(scores) if len(scores) > 1 else 0.0
     return ProbeResult(statistics.fmean(scores), spread, scores, metric)
 
 
 __all__ = [
+    "TOKEN_KINDS",
+    "probe_tokens",
     "ProbeResult",
     "effective_rank",
     "fit_logistic_regression",

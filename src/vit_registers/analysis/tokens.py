@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..modeling_vit_registers import resolve_layer_indices
+
 GROUPS = ("cls", "registers", "patches")
 
 
@@ -51,15 +53,7 @@ def base_model(model):
 
 def resolve_layers(layers: int | Sequence[int] | None, depth: int) -> list[int]:
     """Non-negative, sorted, unique layer indices (negative ones count from the end); `None` → last layer."""
-    if layers is None:
-        layers = [-1]
-    chosen = [layers] if isinstance(layers, int) else list(layers)
-    resolved = set()
-    for index in chosen:
-        if not -depth <= int(index) < depth:
-            raise ValueError(f"Layer {index} does not exist in a {depth}-layer model (valid: {-depth}..{depth - 1}).")
-        resolved.add(int(index) % depth)
-    return sorted(resolved)
+    return list(resolve_layer_indices([-1] if layers is None else layers, depth))
 
 
 @torch.no_grad()
