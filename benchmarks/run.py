@@ -34,6 +34,8 @@ if __name__ == "__main__" and not __package__:  # `python benchmarks/run.py`: ru
 
 import torch  # noqa: E402
 
+from vit_registers.argtypes import positive_int  # noqa: E402
+
 from . import analysis, attention, forward, interventions, memory, training  # noqa: E402
 from .common import (  # noqa: E402
     ARCHS,
@@ -107,16 +109,6 @@ def _csv(kind: Callable):
     return parse
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
 def _seconds(text: str) -> float:
     try:
         value = float(text)
@@ -148,18 +140,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--implementations", type=_csv(str), default=list(IMPLEMENTATIONS),
         help="forward/memory: comma list of " + ", ".join(IMPLEMENTATIONS),
     )
-    parser.add_argument("--repeats", type=_positive, help="timed rounds per case (default 10)")
-    parser.add_argument("--warmup", type=_positive, help="untimed rounds per case (default 2)")
+    parser.add_argument("--repeats", type=positive_int, help="timed rounds per case (default 10)")
+    parser.add_argument("--warmup", type=positive_int, help="untimed rounds per case (default 2)")
     parser.add_argument(
         "--max-case-seconds", type=_seconds,
         help="cap the timed rounds of a slow case at about this many seconds, never below 3 (default 60; 0: no cap)",
     )
-    parser.add_argument("--training-image-size", type=_positive, help="default 224")
-    parser.add_argument("--training-batch-size", type=_positive, help="default 8")
-    parser.add_argument("--memory-repeats", type=_positive, help="fresh processes per implementation and case (1)")
+    parser.add_argument("--training-image-size", type=positive_int, help="default 224")
+    parser.add_argument("--training-batch-size", type=positive_int, help="default 8")
+    parser.add_argument("--memory-repeats", type=positive_int, help="fresh processes per implementation and case (1)")
     parser.add_argument("--conversion-arch", choices=list(memory.CONVERSION_ARCHS), help="default L/14")
-    parser.add_argument("--ttr-neurons", type=_positive, help="register neurons for test-time registers (50)")
-    parser.add_argument("--threads", type=_positive, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--ttr-neurons", type=positive_int, help="register neurons for test-time registers (50)")
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--compile", action="store_true", help="forward: also time torch.compile'd versions")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", metavar="PATH", help="write every number and the machine to PATH")

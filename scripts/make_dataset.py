@@ -12,27 +12,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from vit_registers.argtypes import non_negative_int, positive_int
 from vit_registers.data.synthetic import CLASS_NAMES, DEFAULT_COUNTS, DEFAULT_IMAGE_SIZE, generate_dataset
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,14 +22,14 @@ def build_parser() -> argparse.ArgumentParser:
         f"{', '.join(CLASS_NAMES)}) from images bundled in installed packages."
     )
     parser.add_argument("--output-dir", required=True, help="directory to write train/, validation/, test/ into")
-    parser.add_argument("--seed", type=_non_negative_int, default=0, help="random seed (default: 0)")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="random seed (default: 0)")
     parser.add_argument(
-        "--image-size", type=_positive_int, default=DEFAULT_IMAGE_SIZE,
+        "--image-size", type=positive_int, default=DEFAULT_IMAGE_SIZE,
         help=f"side of the square images in pixels (default: {DEFAULT_IMAGE_SIZE})",
     )
     for split in ("train", "validation", "test"):
         parser.add_argument(
-            f"--num-{split}", type=_positive_int, default=DEFAULT_COUNTS[split],
+            f"--num-{split}", type=positive_int, default=DEFAULT_COUNTS[split],
             help=f"{split} images per class (default: {DEFAULT_COUNTS[split]})",
         )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset in --output-dir")

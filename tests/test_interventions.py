@@ -262,3 +262,16 @@ def test_probe_tokens_pick_the_requested_token_of_each_image():
     assert registers.shape == (4, 32)
     with pytest.raises(ValueError, match="needs the outlier norm threshold"):
         probe_tokens(model, images, "outlier_patch")
+
+
+def test_paper_settings_are_valid_discovery_arguments():
+    from vit_registers.interventions import PAPER_SETTINGS
+
+    model = planted_model(units=(3, 7))
+    images = bright_patch_images(4)
+    for name, settings in PAPER_SETTINGS.items():
+        assert settings["highest_layer"] in (5, 17)
+        scaled = dict(settings, highest_layer=1, top_k=2)  # the tiny model has 3 layers
+        if "threshold" in scaled:
+            scaled["threshold"] = float(model(images, output_hidden_states=True).hidden_states[2][:, 1:].norm(dim=-1).quantile(0.9))
+        assert find_register_neurons(model, [images], **scaled).neurons == {0: [3, 7]}, name

@@ -2,6 +2,7 @@
 
 from .ablations import MODES, TokenStatistics, ablate_tokens, calibrate_token_statistics, token_positions
 from .test_time_registers import (
+    PAPER_SETTINGS,
     RegisterNeurons,
     capture_mlp_activations,
     disable_test_time_registers,
@@ -15,6 +16,7 @@ __all__ = [
     "ablate_tokens",
     "calibrate_token_statistics",
     "token_positions",
+    "PAPER_SETTINGS",
     "RegisterNeurons",
     "capture_mlp_activations",
     "disable_test_time_registers",

@@ -18,6 +18,16 @@ import torch
 from ..modeling_vit_registers import ViTRegistersModel
 
 
+# Discovery settings reported by Jiang et al. (2025) for their checkpoints; pass as keywords:
+# `find_register_neurons(model, batches, **PAPER_SETTINGS["dinov2_vitl14"])`. The detection layer is the
+# second-to-last (the function's default).
+PAPER_SETTINGS = {
+    "dinov2_vitl14": dict(top_k=50, highest_layer=17, threshold=150.0),
+    "dinov2_vitl14_small_k": dict(top_k=45, highest_layer=17, threshold=150.0),
+    "openclip_vitb16": dict(top_k=10, highest_layer=5, percentile=98.0),
+}
+
+
 @dataclass
 class RegisterNeurons:
     """Discovery result: the top-k `(layer, unit)` pairs and every unit's score (mean |activation| on outliers)."""
@@ -135,6 +145,7 @@ def disable_test_time_registers(model):
 
 
 __all__ = [
+    "PAPER_SETTINGS",
     "RegisterNeurons",
     "capture_mlp_activations",
     "find_register_neurons",
