@@ -355,6 +355,7 @@ class ViTRegistersLayer(GradientCheckpointingLayer):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         attended, weights = self.attention(self.norm1(hidden_states), output_attentions)
         hidden_states = hidden_states + self.drop_path(self.layer_scale1(attended))
+        del attended  # free the attention output before the MLP, where activation memory peaks
         hidden_states = hidden_states + self.drop_path(self.layer_scale2(self.mlp(self.norm2(hidden_states))))
         return hidden_states, weights
 
