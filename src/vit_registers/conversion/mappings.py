@@ -35,6 +35,16 @@ def _block_rules(block: str, table: list[tuple[str, str, tuple[int, int] | None]
     ]
 
 
+# Block keys shared by official DINOv2 and timm (they differ only in the SwiGLU MLP names and chunked blocks).
+VIT_BLOCK = [
+    (r"norm1", "norm1.{kind}", None),
+    (r"norm2", "norm2.{kind}", None),
+    (r"attn\.qkv", "attention.qkv.{kind}", None),
+    (r"attn\.proj", "attention.proj.{kind}", None),
+    (r"ls1", "layer_scale1.gamma", None),
+    (r"ls2", "layer_scale2.gamma", None),
+]
+
 # Official DINOv2 (facebookresearch/dinov2 hub checkpoints). `blocks.{chunk}.{i}` appears in chunked FSDP exports.
 DINOV2_RULES = [
     KeyRule(r"cls_token", "embeddings.cls_token"),
@@ -45,16 +55,7 @@ DINOV2_RULES = [
     KeyRule(r"norm\.(?P<kind>weight|bias)", "layernorm.{kind}"),
     *_block_rules(
         rf"blocks\.(?:\d+\.)?{LAYER}",
-        [
-            (r"norm1", "norm1.{kind}", None),
-            (r"norm2", "norm2.{kind}", None),
-            (r"attn\.qkv", "attention.qkv.{kind}", None),
-            (r"attn\.proj", "attention.proj.{kind}", None),
-            (r"ls1", "layer_scale1.gamma", None),
-            (r"ls2", "layer_scale2.gamma", None),
-            (r"mlp\.(?:fc1|w12)", "mlp.fc1.{kind}", None),
-            (r"mlp\.(?:fc2|w3)", "mlp.fc2.{kind}", None),
-        ],
+        [*VIT_BLOCK, (r"mlp\.(?:fc1|w12)", "mlp.fc1.{kind}", None), (r"mlp\.(?:fc2|w3)", "mlp.fc2.{kind}", None)],
     ),
 ]
 
@@ -68,16 +69,7 @@ TIMM_RULES = [
     KeyRule(r"fc_norm\.(?P<kind>weight|bias)", "fc_norm.{kind}"),
     *_block_rules(
         rf"blocks\.{LAYER}",
-        [
-            (r"norm1", "norm1.{kind}", None),
-            (r"norm2", "norm2.{kind}", None),
-            (r"attn\.qkv", "attention.qkv.{kind}", None),
-            (r"attn\.proj", "attention.proj.{kind}", None),
-            (r"ls1", "layer_scale1.gamma", None),
-            (r"ls2", "layer_scale2.gamma", None),
-            (r"mlp\.fc1", "mlp.fc1.{kind}", None),
-            (r"mlp\.fc2", "mlp.fc2.{kind}", None),
-        ],
+        [*VIT_BLOCK, (r"mlp\.fc1", "mlp.fc1.{kind}", None), (r"mlp\.fc2", "mlp.fc2.{kind}", None)],
     ),
 ]
 

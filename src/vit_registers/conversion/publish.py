@@ -33,8 +33,8 @@ DEFAULT_TOLERANCE = 1e-4
 TOKEN_GROUPS = ("cls", "registers", "patches")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 TEMPLATE_PATH = Path(__file__).resolve().parents[3] / "model_cards" / "vit_registers.md"
-IMAGENET_MEAN = [0.485, 0.456, 0.406]
-IMAGENET_STD = [0.229, 0.224, 0.225]
+from transformers.image_utils import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN  # noqa: E402
+from transformers.image_utils import IMAGENET_DEFAULT_STD as IMAGENET_STD  # noqa: E402
 OFFICIAL_BASE_MODELS = {
     "dinov2_vits14": "facebook/dinov2-small",
     "dinov2_vitb14": "facebook/dinov2-base",

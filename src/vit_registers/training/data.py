@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from transformers.image_utils import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN  # noqa: E402
+from transformers.image_utils import IMAGENET_DEFAULT_STD as IMAGENET_STD  # noqa: E402
 
 
 class DataError(ValueError):
