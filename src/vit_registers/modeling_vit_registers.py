@@ -228,8 +228,14 @@ class ViTRegistersAttention(nn.Module):
     def forward(
         self, hidden_states: torch.Tensor, output_attentions: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        batch_size, num_tokens, hidden = hidden_states.shape
-        qkv = self.qkv(hidden_states).reshape(batch_size, num_tokens, 3, self.num_heads, self.head_dim)
+        output, weights = self.attend(self.qkv(hidden_states), output_attentions)
+        return self.proj_dropout(self.proj(output)), weights
+
+    def attend(self, qkv: torch.Tensor, output_attentions: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Attention of the fused projection `qkv` `(batch, tokens, 3 * hidden)`: the heads' outputs, merged to
+        `(batch, tokens, hidden)`, before `proj`; and the weights when `output_attentions`."""
+        batch_size, num_tokens, _ = qkv.shape
+        qkv = qkv.reshape(batch_size, num_tokens, 3, self.num_heads, self.head_dim)
         query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         if output_attentions:  # weights asked for this layer: the eager path computes them, other layers stay fast
             attention = eager_attention_forward
@@ -245,7 +251,7 @@ class ViTRegistersAttention(nn.Module):
             scaling=self.scaling,
             is_causal=False,
         )
-        output = self.proj_dropout(self.proj(output.reshape(batch_size, num_tokens, hidden)))
+        output = output.reshape(batch_size, num_tokens, self.num_heads * self.head_dim)
         return output, (weights if output_attentions else None)
 
 
@@ -279,6 +285,42 @@ class ViTRegistersDropPath(nn.Module):
         return f"drop_prob={self.drop_prob}"
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# CPU inference path: PyTorch's oneDNN matrix products with the bias, the MLP activation and (without LayerScale) the
+# residual addition applied in the product's epilogue, where the plain path spends a separate pass over memory on each.
+# Used only where it changes nothing but speed: no gradients, eval mode, float32 on the CPU, no hooks or wrappers on
+# the block's modules, not under torch.compile / export / tracing (the compilers fuse on their own), and
+# `torch.backends.mkldnn.enabled`. The products are summed in a different order than MKL's, so outputs differ from the
+# plain path by float32 rounding only (tests compare every token).
+# ----------------------------------------------------------------------------------------------------------------------
+_ONEDNN_LINEAR = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
+# config.hidden_act -> (oneDNN post-op, algorithm); other activations run after an unfused product
+_ONEDNN_ACTIVATIONS = {
+    "gelu": ("gelu", "none"),
+    "gelu_pytorch_tanh": ("gelu", "tanh"),
+    "relu": ("relu", ""),
+    "silu": ("swish", ""),
+    "swish": ("swish", ""),
+}
+
+
+def onednn_linear(inputs: torch.Tensor, linear: nn.Linear, post_op: str = "none", algorithm: str = "") -> torch.Tensor:
+    """`post_op(linear(inputs))` as one oneDNN matrix product (inference only: the op has no autograd formula)."""
+    return _ONEDNN_LINEAR(inputs, linear.weight, linear.bias, post_op, [], algorithm)
+
+
+def _fused_cpu_inference_available(hidden_states: torch.Tensor) -> bool:
+    """Whether a block may take the oneDNN inference path for `hidden_states` (module-independent conditions)."""
+    if _ONEDNN_LINEAR is None or torch.is_grad_enabled() or not torch.backends.mkldnn.enabled:
+        return False
+    if hidden_states.device.type != "cpu" or hidden_states.dtype != torch.float32:
+        return False
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting():
+        return False
+    module_hooks = torch.nn.modules.module
+    return not (module_hooks._global_forward_hooks or module_hooks._global_forward_pre_hooks)
+
+
 def apply_test_time_registers(hidden: torch.Tensor, neurons: torch.Tensor, num_registers: int) -> torch.Tensor:
     """Jiang et al. 2025, Algorithm 2, on MLP hidden activations `(batch, tokens, units)`.
 
@@ -305,6 +347,7 @@ class ViTRegistersMLP(nn.Module):
         self.activation = ACT2FN["silu"] if self.swiglu else ACT2FN[config.hidden_act]
         self.fc2 = nn.Linear(hidden, config.hidden_size)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.activation_name = config.hidden_act
         self.register_neurons: tuple[int, ...] = ()
         self.num_test_time_registers = 0
         self.set_register_neurons(config.test_time_registers, layer_index)
@@ -316,14 +359,21 @@ class ViTRegistersMLP(nn.Module):
         self.num_test_time_registers = int((spec or {}).get("num_tokens", 0)) if len(units) else 0
         self.register_neurons = tuple(sorted(int(u) for u in units))
 
-    def hidden_activations(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """The MLP hidden units after the activation (for SwiGLU: the gated product); test-time edit applied."""
-        hidden = self.fc1(hidden_states)
-        if self.swiglu:
-            gate, value = hidden.chunk(2, dim=-1)
-            hidden = self.activation(gate) * value
+    def hidden_activations(self, hidden_states: torch.Tensor, fused: bool = False) -> torch.Tensor:
+        """The MLP hidden units after the activation (for SwiGLU: the gated product); test-time edit applied.
+
+        `fused` (the block's CPU inference path): fc1 as a oneDNN product with the activation in its epilogue.
+        """
+        post_op = None if self.swiglu or not fused else _ONEDNN_ACTIVATIONS.get(self.activation_name)
+        if post_op is not None:
+            hidden = onednn_linear(hidden_states, self.fc1, *post_op)
         else:
-            hidden = self.activation(hidden)
+            hidden = onednn_linear(hidden_states, self.fc1) if fused else self.fc1(hidden_states)
+            if self.swiglu:
+                gate, value = hidden.chunk(2, dim=-1)
+                hidden = self.activation(gate) * value
+            else:
+                hidden = self.activation(hidden)
         if self.num_test_time_registers:
             neurons = torch.tensor(self.register_neurons, dtype=torch.long, device=hidden.device)
             hidden = apply_test_time_registers(hidden, neurons, self.num_test_time_registers)
@@ -353,11 +403,45 @@ class ViTRegistersLayer(GradientCheckpointingLayer):
     def forward(
         self, hidden_states: torch.Tensor, output_attentions: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.can_fuse(hidden_states):
+            return self.fused_forward(hidden_states, output_attentions)
         attended, weights = self.attention(self.norm1(hidden_states), output_attentions)
         hidden_states = hidden_states + self.drop_path(self.layer_scale1(attended))
         del attended  # free the attention output before the MLP, where activation memory peaks
         hidden_states = hidden_states + self.drop_path(self.layer_scale2(self.mlp(self.norm2(hidden_states))))
         return hidden_states, weights
+
+    def can_fuse(self, hidden_states: torch.Tensor) -> bool:
+        """Whether this call may take the oneDNN CPU inference path (see `onednn_linear`): eval mode, no gradients,
+        float32 on the CPU, and nothing (hooks, replaced forwards, adapters) that expects the regular submodule calls."""
+        if self.training or not _fused_cpu_inference_available(hidden_states):
+            return False
+        for name, module in self.named_modules():
+            if name and (module._forward_hooks or module._forward_pre_hooks or "forward" in module.__dict__):
+                return False
+        linears = (self.attention.qkv, self.attention.proj, self.mlp.fc1, self.mlp.fc2)
+        return all(type(m) is nn.Linear and m.weight.dtype == torch.float32 and not m.weight.is_meta for m in linears)
+
+    def fused_forward(
+        self, hidden_states: torch.Tensor, output_attentions: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The block's inference forward with oneDNN products (same arithmetic as `forward` up to float32 rounding)."""
+        attention = self.attention
+        qkv = onednn_linear(self.norm1(hidden_states), attention.qkv)
+        attended, weights = attention.attend(qkv, output_attentions)
+        del qkv
+        hidden_states = self._residual(hidden_states, attended.contiguous(), attention.proj, self.layer_scale1)
+        del attended
+        activations = self.mlp.hidden_activations(self.norm2(hidden_states), fused=True)
+        hidden_states = self._residual(hidden_states, activations, self.mlp.fc2, self.layer_scale2)
+        return hidden_states, weights
+
+    @staticmethod
+    def _residual(residual: torch.Tensor, inputs: torch.Tensor, linear: nn.Linear, layer_scale: nn.Module):
+        """`residual + layer_scale(linear(inputs))` in one pass after the product (LayerScale) or none (without)."""
+        if isinstance(layer_scale, ViTRegistersLayerScale):
+            return torch.addcmul(residual, onednn_linear(inputs, linear), layer_scale.gamma)
+        return _ONEDNN_LINEAR.binary(inputs, residual, linear.weight, linear.bias, "add")
 
 
 def resolve_layer_indices(layers: int | Iterable[int] | None, depth: int) -> tuple[int, ...]:

@@ -1,0 +1,156 @@
+"""The oneDNN CPU inference path of `ViTRegistersLayer` (`can_fuse` / `fused_forward`).
+
+It must give the regular path's outputs on every token (float32 rounding only), keep every output group intact, and
+step aside wherever it could change behaviour: gradients, training mode, hooks, other dtypes, oneDNN switched off.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from test_modeling import tiny_model
+from vit_registers import ViTRegistersForImageClassification, ViTRegistersModel
+from vit_registers.modeling_vit_registers import _ONEDNN_LINEAR, ViTRegistersLayer
+
+pytestmark = pytest.mark.skipif(
+    _ONEDNN_LINEAR is None or not torch.backends.mkldnn.is_available(),
+    reason="this torch build has no oneDNN linear op; the regular path is the only one",
+)
+# max abs difference allowed between the fused and the regular path (float32 outputs of magnitude ~1-10)
+TOLERANCE = 2e-5
+
+
+def count_fused_calls(model, monkeypatch) -> list[int]:
+    calls = [0]
+    original = ViTRegistersLayer.fused_forward
+
+    def counting(self, *args, **kwargs):
+        calls[0] += 1
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(ViTRegistersLayer, "fused_forward", counting)
+    return calls
+
+
+def regular_and_fused(model, pixels, **kwargs):
+    with torch.enable_grad():  # gradients on: the regular path
+        regular = model(pixels, **kwargs)
+    with torch.no_grad():
+        fused = model(pixels, **kwargs)
+    return regular, fused
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(),
+        dict(layerscale_value=None),  # residual fused into the product's epilogue
+        dict(qkv_bias=False, num_register_tokens=0),
+        dict(mlp_type="swiglu"),
+        dict(hidden_act="gelu_pytorch_tanh"),
+        dict(hidden_act="relu"),
+        dict(hidden_act="silu"),
+        dict(hidden_act="quick_gelu"),  # no oneDNN post-op: activation after the product
+        dict(use_cls_token=False, cls_token_has_position_embedding=False, pooling="mean", use_fc_norm=True),
+    ],
+    ids=["layerscale", "no-layerscale", "no-qkv-bias", "swiglu", "gelu-tanh", "relu", "silu", "quick-gelu", "gap"],
+)
+def test_fused_path_matches_regular_path_on_every_token(overrides, monkeypatch):
+    model = tiny_model(num_register_tokens=overrides.pop("num_register_tokens", 4), **overrides)
+    calls = count_fused_calls(model, monkeypatch)
+    pixels = torch.randn(2, 3, 28, 42)
+    regular, fused = regular_and_fused(model, pixels, output_hidden_states=True)
+    assert calls[0] == model.config.num_hidden_layers  # every block took the fused path, once
+    torch.testing.assert_close(fused.last_hidden_state, regular.last_hidden_state, atol=TOLERANCE, rtol=0)
+    torch.testing.assert_close(fused.pooler_output, regular.pooler_output, atol=TOLERANCE, rtol=0)
+    for fused_layer, regular_layer in zip(fused.hidden_states, regular.hidden_states, strict=True):
+        torch.testing.assert_close(fused_layer, regular_layer, atol=TOLERANCE, rtol=0)
+    # hidden states are distinct tensors (nothing written in place) and change from layer to layer
+    assert len({t.data_ptr() for t in fused.hidden_states}) == len(fused.hidden_states)
+    assert not torch.allclose(fused.hidden_states[1], fused.hidden_states[2])
+
+
+def test_fused_path_returns_attention_weights_and_test_time_registers(monkeypatch):
+    model = tiny_model(num_register_tokens=2)
+    model.set_test_time_registers({1: [0, 3, 5], 2: [7]}, num_tokens=1)
+    calls = count_fused_calls(model, monkeypatch)
+    pixels = torch.randn(2, 3, 28, 28)
+    regular, fused = regular_and_fused(model, pixels, attention_layers=[0, -1])
+    assert calls[0] == 3
+    assert len(fused.attentions) == 2
+    for fused_weights, regular_weights in zip(fused.attentions, regular.attentions, strict=True):
+        torch.testing.assert_close(fused_weights, regular_weights, atol=1e-6, rtol=0)
+        torch.testing.assert_close(fused_weights.sum(-1), torch.ones_like(fused_weights[..., 0]))
+    torch.testing.assert_close(fused.last_hidden_state, regular.last_hidden_state, atol=TOLERANCE, rtol=0)
+    # the test-time register edit really happened on the fused path: without it the output differs
+    model.set_test_time_registers(None)
+    with torch.no_grad():
+        plain = model(pixels).patch_tokens
+    assert (plain - fused.patch_tokens).abs().max() > 1e-3
+
+
+def test_classifier_logits_match_under_inference_mode(monkeypatch):
+    model = tiny_model(ViTRegistersForImageClassification, num_labels=5)
+    calls = count_fused_calls(model, monkeypatch)
+    pixels = torch.randn(3, 3, 28, 28)
+    with torch.enable_grad():
+        regular = model(pixels).logits
+    with torch.inference_mode():
+        fused = model(pixels).logits
+    assert calls[0] == model.config.num_hidden_layers
+    torch.testing.assert_close(fused, regular, atol=TOLERANCE, rtol=0)
+
+
+def test_regular_path_wherever_the_fused_one_could_change_behaviour(monkeypatch):
+    model = tiny_model()
+    calls = count_fused_calls(model, monkeypatch)
+    pixels = torch.randn(1, 3, 28, 28)
+
+    model(pixels)  # gradients enabled
+    with torch.no_grad():
+        model.double()(pixels.double())  # float64
+        model.float()
+        model.train()
+        model(pixels)  # training mode (dropout, drop path)
+        model.eval()
+        with torch.backends.mkldnn.flags(enabled=False):
+            model(pixels)  # oneDNN switched off by the user
+    assert calls[0] == 0
+
+    # a hook on a submodule the fused path would skip (fc1) must fire, so that block goes the regular way
+    seen = []
+    handle = model.encoder.layer[1].mlp.fc1.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    with torch.no_grad():
+        model(pixels)
+    handle.remove()
+    assert seen == [(1, 1 + 4 + 4, 64)]
+    assert calls[0] == model.config.num_hidden_layers - 1  # the two other blocks stay fused
+
+    # a replaced forward (as accelerate's offloading hooks do) is respected too
+    attention = model.encoder.layer[0].attention
+    attention.forward = lambda *a, original=attention.forward, **k: original(*a, **k)
+    with torch.no_grad():
+        model(pixels)
+    assert calls[0] == 2 * model.config.num_hidden_layers - 2
+
+
+def test_gradients_flow_and_are_unchanged_by_an_earlier_no_grad_call():
+    model = tiny_model()
+    pixels = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        model(pixels)
+    model.zero_grad()
+    model(pixels).last_hidden_state.square().mean().backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad and p is not model.embeddings.mask_token]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert model.encoder.layer[0].attention.qkv.weight.grad.abs().sum() > 0
+
+
+def test_pretrained_default_model_agrees_between_paths():
+    from vit_registers.pretrained import default_model_path
+
+    model = ViTRegistersModel.from_pretrained(default_model_path(4))
+    pixels = torch.randn(2, 3, *(g * model.config.patch_size for g in model.config.image_grid))
+    regular, fused = regular_and_fused(model.eval(), pixels)
+    torch.testing.assert_close(fused.last_hidden_state, regular.last_hidden_state, atol=1e-4, rtol=0)
