@@ -253,17 +253,33 @@ def time_alternating(
     return times
 
 
+def paired_ratios(samples: list[float], reference: list[float]) -> list[float]:
+    """`samples[i] / reference[i]` per round: both ran in the same round, next to each other, so slow drifts of the
+    machine (other tenants, page-fault storms) cancel, which a ratio of two medians does not do."""
+    return [a / b for a, b in zip(samples, reference, strict=True)]
+
+
+def quartiles(values: list[float]) -> tuple[float, float]:
+    if len(values) < 2:
+        return values[0], values[0]
+    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return q1, q3
+
+
 def timing_rows(section: str, times: dict[str, list[float]], items: int, reference: str = OURS, **case) -> list[dict]:
-    """One row per implementation: median seconds, items/s and `ratio_ours_over_this` = its median / `reference`'s
-    (> 1: `reference` is faster)."""
+    """One row per implementation: median seconds, items/s and `ratio_ours_over_this`, the median over rounds of
+    its time / `reference`'s time in the same round (> 1: `reference` is faster), with the quartiles of those ratios
+    (`ratio_quartiles`) and the plain ratio of medians (`ratio_of_medians`)."""
     reference_median = statistics.median(times[reference])
     rows = []
     for name, samples in times.items():
         median = statistics.median(samples)
+        ratios = paired_ratios(samples, times[reference])
         rows.append(
             dict(
                 section=section, **case, implementation=name, median_s=median, items_per_s=items / median,
-                ratio_ours_over_this=median / reference_median, times_s=samples,
+                ratio_ours_over_this=statistics.median(ratios), ratio_quartiles=quartiles(ratios),
+                ratio_of_medians=median / reference_median, times_s=samples,
             )
         )
     return rows
@@ -352,21 +368,27 @@ def best_peer(rows: list[dict]) -> list[dict]:
         if peers:
             best = min(peers, key=lambda row: row["ratio_ours_over_this"])
             summary.append(dict(arch=arch, image_size=image_size, batch_size=batch_size, compiled=bool(suffix),
-                                best_peer=best["implementation"], ratio=best["ratio_ours_over_this"]))
+                                best_peer=best["implementation"], ratio=best["ratio_ours_over_this"],
+                                quartiles=best.get("ratio_quartiles")))
     return summary
 
 
 def best_peer_text(summary: list[dict]) -> str:
     cases = [
         f"{s['arch']} {s['image_size']}² b{s['batch_size']}{' compiled' if s['compiled'] else ''}: "
-        f"{s['ratio']:.2f}× ({s['best_peer']})"
+        f"{ratio_text(s['ratio'], s.get('quartiles'))} ({s['best_peer']})"
         for s in summary
     ]
     return "Against the best peer: " + "; ".join(cases) + "." if cases else ""
 
 
-def ratio_text(value: float | None) -> str:
-    return "—" if value is None else f"{value:.2f}×"
+def ratio_text(value: float | None, quartiles: tuple[float, float] | None = None) -> str:
+    """`1.07×`, or with the quartiles of the per-round ratios `1.07× (1.03–1.10)`."""
+    if value is None:
+        return "—"
+    if quartiles is None or quartiles[0] == quartiles[1] == value:
+        return f"{value:.2f}×"
+    return f"{value:.2f}× ({quartiles[0]:.2f}–{quartiles[1]:.2f})"
 
 
 def arch_label(arch: str, registers: int | None = 4) -> str:

@@ -17,6 +17,8 @@ from .common import (
     check_parity,
     forward_flops,
     markdown_table,
+    paired_ratios,
+    quartiles,
     ratio_text,
     time_alternating,
     timing_rows,
@@ -38,13 +40,15 @@ def run_case(arch: str, image_size: int, batch_size: int, repeats: int, warmup: 
     times = time_alternating(forwards, x, repeats, warmup, max_seconds=max_seconds)
     flops = forward_flops(config, batch_size, image_size)
     rows = timing_rows("forward", times, batch_size, arch=arch, image_size=image_size, batch_size=batch_size)
-    medians = {row["implementation"]: row["median_s"] for row in rows}
+    compiled_ours = times.get(f"{OURS}+compile")
     for row in rows:
         row["images_per_s"] = row.pop("items_per_s")
         row["gflops"] = flops / 1e9
         row["gemm_fraction"] = None if peak is None else flops / row["median_s"] / peak
         if row["implementation"].endswith("+compile"):  # compiled peers against our compiled model
-            row["ratio_ours_over_this"] = row["median_s"] / medians[f"{OURS}+compile"]
+            ratios = paired_ratios(row["times_s"], compiled_ours)
+            row["ratio_ours_over_this"], row["ratio_quartiles"] = statistics.median(ratios), quartiles(ratios)
+            row["ratio_of_medians"] = row["median_s"] / statistics.median(compiled_ours)
     return rows, parity, config
 
 
@@ -81,7 +85,7 @@ def format_table(rows: list[dict]) -> str:
         peak = "—" if r["gemm_fraction"] is None else f"{100 * r['gemm_fraction']:.0f} %"
         body.append([
             arch_label(r["arch"]), f"{r['image_size']}²", r["batch_size"], r["implementation"],
-            f"{r['images_per_s']:.1f}", ratio_text(r["ratio_ours_over_this"]), f"{r['gflops']:.1f}", peak,
+            f"{r['images_per_s']:.1f}", ratio_text(r["ratio_ours_over_this"], r.get("ratio_quartiles")), f"{r['gflops']:.1f}", peak,
         ])
     return markdown_table(
         ["model", "image", "batch", "implementation", "img/s", "ours / this", "GFLOPs", "% GEMM peak"], body, "lrrlrrrr"

@@ -286,12 +286,14 @@ class ViTRegistersDropPath(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# CPU inference path: PyTorch's oneDNN matrix products with the bias, the MLP activation and (without LayerScale) the
-# residual addition applied in the product's epilogue, where the plain path spends a separate pass over memory on each.
-# Used only where it changes nothing but speed: no gradients, eval mode, float32 on the CPU, no hooks or wrappers on
-# the block's modules, not under torch.compile / export / tracing (the compilers fuse on their own), and
-# `torch.backends.mkldnn.enabled`. The products are summed in a different order than MKL's, so outputs differ from the
-# plain path by float32 rounding only (tests compare every token).
+# oneDNN path on the CPU. The block's four matrix products run in PyTorch's oneDNN kernels (`mkldnn._linear_pointwise`)
+# with the bias added in the product's epilogue, where `F.linear` first copies the bias into the output and then runs
+# MKL's GEMM; without gradients the MLP activation and (without LayerScale) the residual addition join the epilogue
+# too, saving a pass over memory each. Gradients go through `_OneDNNLinearFunction` (oneDNN forward, the usual products
+# backward). Used only where it changes nothing but speed: float32 on the CPU, no autocast, no hooks or replaced
+# forwards on the block's modules, plain `nn.Linear` weights, not under torch.compile / export / tracing (compilers
+# fuse on their own), and `torch.backends.mkldnn.enabled`. oneDNN sums the products in another order than MKL, so
+# results differ from the plain path by float32 rounding only (tests compare every token and every gradient).
 # ----------------------------------------------------------------------------------------------------------------------
 _ONEDNN_LINEAR = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
 # config.hidden_act -> (oneDNN post-op, algorithm); other activations run after an unfused product
@@ -304,18 +306,56 @@ _ONEDNN_ACTIVATIONS = {
 }
 
 
+class _OneDNNLinearFunction(torch.autograd.Function):
+    """`F.linear(inputs, weight, bias)` with a oneDNN forward product; backward: `grad @ weight` in oneDNN,
+    `gradᵀ @ inputs` and the bias sum as `F.linear`'s backward does them (differentiable ops under `create_graph`)."""
+
+    @staticmethod
+    def forward(ctx, inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(inputs, weight)
+        ctx.has_bias = bias is not None
+        return _ONEDNN_LINEAR(inputs, weight, bias, "none", [], "")
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        inputs, weight = ctx.saved_tensors
+        grad = grad_output.reshape(-1, grad_output.shape[-1])
+        grad_inputs = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            if torch.is_grad_enabled():  # create_graph=True: keep the backward itself differentiable
+                grad_inputs = grad @ weight
+            else:
+                grad_inputs = _ONEDNN_LINEAR(grad, weight.t(), None, "none", [], "")
+            grad_inputs = grad_inputs.reshape(inputs.shape)
+        if ctx.needs_input_grad[1]:
+            flat = inputs.reshape(-1, inputs.shape[-1])
+            if torch.is_grad_enabled() or weight.shape[1] <= weight.shape[0]:
+                grad_weight = grad.t() @ flat
+            else:  # wide inputs (fc2): oneDNN's product is the faster one here
+                grad_weight = _ONEDNN_LINEAR(grad.t(), flat.t(), None, "none", [], "")
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = grad.sum(0)
+        return grad_inputs, grad_weight, grad_bias
+
+
 def onednn_linear(inputs: torch.Tensor, linear: nn.Linear, post_op: str = "none", algorithm: str = "") -> torch.Tensor:
-    """`post_op(linear(inputs))` as one oneDNN matrix product (inference only: the op has no autograd formula)."""
+    """`post_op(linear(inputs))` as one oneDNN product; with gradients enabled only `post_op="none"` (differentiable)."""
+    if torch.is_grad_enabled():
+        if post_op != "none":
+            raise ValueError("oneDNN post-ops have no gradient: apply the activation after the product")
+        return _OneDNNLinearFunction.apply(inputs, linear.weight, linear.bias)
     return _ONEDNN_LINEAR(inputs, linear.weight, linear.bias, post_op, [], algorithm)
 
 
-def _fused_cpu_inference_available(hidden_states: torch.Tensor) -> bool:
-    """Whether a block may take the oneDNN inference path for `hidden_states` (module-independent conditions)."""
-    if _ONEDNN_LINEAR is None or torch.is_grad_enabled() or not torch.backends.mkldnn.enabled:
+def _onednn_path_available(hidden_states: torch.Tensor) -> bool:
+    """Whether a block may take the oneDNN path for `hidden_states` (the conditions that do not depend on the block)."""
+    if _ONEDNN_LINEAR is None or not torch.backends.mkldnn.enabled:
         return False
     if hidden_states.device.type != "cpu" or hidden_states.dtype != torch.float32:
         return False
     if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting():
+        return False
+    if torch.is_autocast_enabled("cpu"):
         return False
     module_hooks = torch.nn.modules.module
     return not (module_hooks._global_forward_hooks or module_hooks._global_forward_pre_hooks)
@@ -359,16 +399,18 @@ class ViTRegistersMLP(nn.Module):
         self.num_test_time_registers = int((spec or {}).get("num_tokens", 0)) if len(units) else 0
         self.register_neurons = tuple(sorted(int(u) for u in units))
 
-    def hidden_activations(self, hidden_states: torch.Tensor, fused: bool = False) -> torch.Tensor:
+    def hidden_activations(self, hidden_states: torch.Tensor, onednn: bool = False) -> torch.Tensor:
         """The MLP hidden units after the activation (for SwiGLU: the gated product); test-time edit applied.
 
-        `fused` (the block's CPU inference path): fc1 as a oneDNN product with the activation in its epilogue.
+        `onednn` (the block's oneDNN path): fc1 as a oneDNN product, without gradients with the activation in its
+        epilogue.
         """
-        post_op = None if self.swiglu or not fused else _ONEDNN_ACTIVATIONS.get(self.activation_name)
+        fuse = onednn and not self.swiglu and not torch.is_grad_enabled()
+        post_op = _ONEDNN_ACTIVATIONS.get(self.activation_name) if fuse else None
         if post_op is not None:
             hidden = onednn_linear(hidden_states, self.fc1, *post_op)
         else:
-            hidden = onednn_linear(hidden_states, self.fc1) if fused else self.fc1(hidden_states)
+            hidden = onednn_linear(hidden_states, self.fc1) if onednn else self.fc1(hidden_states)
             if self.swiglu:
                 gate, value = hidden.chunk(2, dim=-1)
                 hidden = self.activation(gate) * value
@@ -403,42 +445,58 @@ class ViTRegistersLayer(GradientCheckpointingLayer):
     def forward(
         self, hidden_states: torch.Tensor, output_attentions: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if self.can_fuse(hidden_states):
-            return self.fused_forward(hidden_states, output_attentions)
+        if self.can_use_onednn(hidden_states):
+            return self.onednn_forward(hidden_states, output_attentions)
         attended, weights = self.attention(self.norm1(hidden_states), output_attentions)
         hidden_states = hidden_states + self.drop_path(self.layer_scale1(attended))
         del attended  # free the attention output before the MLP, where activation memory peaks
         hidden_states = hidden_states + self.drop_path(self.layer_scale2(self.mlp(self.norm2(hidden_states))))
         return hidden_states, weights
 
-    def can_fuse(self, hidden_states: torch.Tensor) -> bool:
-        """Whether this call may take the oneDNN CPU inference path (see `onednn_linear`): eval mode, no gradients,
-        float32 on the CPU, and nothing (hooks, replaced forwards, adapters) that expects the regular submodule calls."""
-        if self.training or not _fused_cpu_inference_available(hidden_states):
+    def can_use_onednn(self, hidden_states: torch.Tensor) -> bool:
+        """Whether this call may take the oneDNN path (see `_OneDNNLinearFunction`): float32 on the CPU, plain
+        `nn.Linear` weights, and nothing (hooks, replaced forwards, adapters) expecting the regular submodule calls."""
+        if not _onednn_path_available(hidden_states):
             return False
         for name, module in self.named_modules():
             if name and (module._forward_hooks or module._forward_pre_hooks or "forward" in module.__dict__):
                 return False
-        linears = (self.attention.qkv, self.attention.proj, self.mlp.fc1, self.mlp.fc2)
-        return all(type(m) is nn.Linear and m.weight.dtype == torch.float32 and not m.weight.is_meta for m in linears)
+        for linear in (self.attention.qkv, self.attention.proj, self.mlp.fc1, self.mlp.fc2):
+            weight = linear.weight
+            if type(linear) is not nn.Linear or weight.dtype != torch.float32 or weight.device.type != "cpu":
+                return False
+            if type(weight) not in (nn.Parameter, torch.Tensor):  # tensor subclasses (DTensor, quantized, ...)
+                return False
+        return True
 
-    def fused_forward(
+    def onednn_forward(
         self, hidden_states: torch.Tensor, output_attentions: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The block's inference forward with oneDNN products (same arithmetic as `forward` up to float32 rounding)."""
-        attention = self.attention
+        """`forward` with oneDNN products (the same arithmetic up to float32 rounding). With gradients or in training
+        mode the regular composition (dropout, drop path, LayerScale modules) around oneDNN products; otherwise the
+        activation and the residual move into the products' epilogues."""
+        attention, mlp = self.attention, self.mlp
         qkv = onednn_linear(self.norm1(hidden_states), attention.qkv)
         attended, weights = attention.attend(qkv, output_attentions)
         del qkv
+        if self.training or torch.is_grad_enabled():
+            branch = attention.proj_dropout(onednn_linear(attended, attention.proj))
+            del attended
+            hidden_states = hidden_states + self.drop_path(self.layer_scale1(branch))
+            del branch
+            activations = mlp.dropout(mlp.hidden_activations(self.norm2(hidden_states), onednn=True))
+            branch = mlp.dropout(onednn_linear(activations, mlp.fc2))
+            return hidden_states + self.drop_path(self.layer_scale2(branch)), weights
         hidden_states = self._residual(hidden_states, attended.contiguous(), attention.proj, self.layer_scale1)
         del attended
-        activations = self.mlp.hidden_activations(self.norm2(hidden_states), fused=True)
-        hidden_states = self._residual(hidden_states, activations, self.mlp.fc2, self.layer_scale2)
+        activations = mlp.hidden_activations(self.norm2(hidden_states), onednn=True)
+        hidden_states = self._residual(hidden_states, activations, mlp.fc2, self.layer_scale2)
         return hidden_states, weights
 
     @staticmethod
     def _residual(residual: torch.Tensor, inputs: torch.Tensor, linear: nn.Linear, layer_scale: nn.Module):
-        """`residual + layer_scale(linear(inputs))` in one pass after the product (LayerScale) or none (without)."""
+        """`residual + layer_scale(linear(inputs))` (no gradients): one pass after the product with LayerScale, none
+        without it (oneDNN adds the residual in the epilogue)."""
         if isinstance(layer_scale, ViTRegistersLayerScale):
             return torch.addcmul(residual, onednn_linear(inputs, linear), layer_scale.gamma)
         return _ONEDNN_LINEAR.binary(inputs, residual, linear.weight, linear.bias, "add")

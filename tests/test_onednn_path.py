@@ -1,7 +1,8 @@
-"""The oneDNN CPU inference path of `ViTRegistersLayer` (`can_fuse` / `fused_forward`).
+"""The oneDNN CPU path of `ViTRegistersLayer` (`can_use_onednn` / `onednn_forward`).
 
-It must give the regular path's outputs on every token (float32 rounding only), keep every output group intact, and
-step aside wherever it could change behaviour: gradients, training mode, hooks, other dtypes, oneDNN switched off.
+It must give the regular path's outputs on every token and the regular path's gradients on every parameter (float32
+rounding only), keep every output group intact, and step aside wherever it could change behaviour: hooks, replaced
+forwards, other dtypes, autocast, oneDNN switched off.
 """
 
 from __future__ import annotations
@@ -11,32 +12,34 @@ import torch
 
 from test_modeling import tiny_model
 from vit_registers import ViTRegistersForImageClassification, ViTRegistersModel
+from vit_registers import modeling_vit_registers
 from vit_registers.modeling_vit_registers import _ONEDNN_LINEAR, ViTRegistersLayer
 
 pytestmark = pytest.mark.skipif(
     _ONEDNN_LINEAR is None or not torch.backends.mkldnn.is_available(),
     reason="this torch build has no oneDNN linear op; the regular path is the only one",
 )
-# max abs difference allowed between the fused and the regular path (float32 outputs of magnitude ~1-10)
+# max abs difference allowed between the oneDNN and the regular path (float32 outputs of magnitude ~1-10)
 TOLERANCE = 2e-5
 
 
 def count_fused_calls(model, monkeypatch) -> list[int]:
     calls = [0]
-    original = ViTRegistersLayer.fused_forward
+    original = ViTRegistersLayer.onednn_forward
 
     def counting(self, *args, **kwargs):
         calls[0] += 1
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(ViTRegistersLayer, "fused_forward", counting)
+    monkeypatch.setattr(ViTRegistersLayer, "onednn_forward", counting)
     return calls
 
 
 def regular_and_fused(model, pixels, **kwargs):
-    with torch.enable_grad():  # gradients on: the regular path
-        regular = model(pixels, **kwargs)
     with torch.no_grad():
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(modeling_vit_registers, "_onednn_path_available", lambda hidden_states: False)
+            regular = model(pixels, **kwargs)
         fused = model(pixels, **kwargs)
     return regular, fused
 
@@ -94,7 +97,8 @@ def test_classifier_logits_match_under_inference_mode(monkeypatch):
     model = tiny_model(ViTRegistersForImageClassification, num_labels=5)
     calls = count_fused_calls(model, monkeypatch)
     pixels = torch.randn(3, 3, 28, 28)
-    with torch.enable_grad():
+    with torch.no_grad(), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(modeling_vit_registers, "_onednn_path_available", lambda hidden_states: False)
         regular = model(pixels).logits
     with torch.inference_mode():
         fused = model(pixels).logits
@@ -102,30 +106,91 @@ def test_classifier_logits_match_under_inference_mode(monkeypatch):
     torch.testing.assert_close(fused, regular, atol=TOLERANCE, rtol=0)
 
 
-def test_regular_path_wherever_the_fused_one_could_change_behaviour(monkeypatch):
+def loss_and_gradients(model, pixels, labels, create_graph=False):
+    model.zero_grad(set_to_none=True)
+    loss = model(pixels, labels=labels).loss
+    if create_graph:  # a gradient penalty on the input: needs the backward itself to be differentiable
+        pixels = pixels.requires_grad_()
+        loss = model(pixels, labels=labels).loss
+        (grad_pixels,) = torch.autograd.grad(loss, pixels, create_graph=True)
+        loss = loss + grad_pixels.square().sum()
+    loss.backward()
+    return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [dict(), dict(layerscale_value=None, qkv_bias=False), dict(mlp_type="swiglu"),
+     dict(hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1, drop_path_rate=0.2)],
+    ids=["layerscale", "no-layerscale", "swiglu", "dropout-droppath"],
+)
+def test_training_gradients_match_regular_path_on_every_parameter(overrides, monkeypatch):
+    model = tiny_model(ViTRegistersForImageClassification, num_labels=5, pooling="cls_mean", **overrides).train()
+    calls = count_fused_calls(model, monkeypatch)
+    pixels, labels = torch.randn(3, 3, 28, 42), torch.tensor([0, 3, 4])
+    torch.manual_seed(1)  # dropout and drop path draw their masks in the same order on both paths
+    loss, grads = loss_and_gradients(model, pixels, labels)
+    assert calls[0] == model.config.num_hidden_layers
+    with monkeypatch.context() as patch:
+        patch.setattr(modeling_vit_registers, "_onednn_path_available", lambda hidden_states: False)
+        torch.manual_seed(1)
+        regular_loss, regular_grads = loss_and_gradients(model, pixels, labels)
+    assert calls[0] == model.config.num_hidden_layers
+    torch.testing.assert_close(loss, regular_loss, atol=1e-5, rtol=0)
+    assert grads.keys() == regular_grads.keys()
+    assert "vit_registers.encoder.layer.0.attention.qkv.weight" in grads
+    for name, grad in grads.items():  # relative to each gradient's scale
+        scale = regular_grads[name].abs().max().clamp_min(1e-8)
+        assert (grad - regular_grads[name]).abs().max() / scale < 1e-4, name
+
+
+def test_double_backward_and_gradient_checkpointing_match_regular_path(monkeypatch):
+    model = tiny_model(ViTRegistersForImageClassification, num_labels=5)
+    model.config._attn_implementation = "eager"  # PyTorch's SDPA kernels have no double backward
+    pixels, labels = torch.randn(2, 3, 28, 28), torch.tensor([1, 2])
+    loss, grads = loss_and_gradients(model, pixels.clone(), labels, create_graph=True)
+    with monkeypatch.context() as patch:
+        patch.setattr(modeling_vit_registers, "_onednn_path_available", lambda hidden_states: False)
+        regular_loss, regular_grads = loss_and_gradients(model, pixels.clone(), labels, create_graph=True)
+    torch.testing.assert_close(loss, regular_loss, atol=1e-5, rtol=1e-5)
+    for name, grad in grads.items():
+        scale = regular_grads[name].abs().max().clamp_min(1e-8)
+        assert (grad - regular_grads[name]).abs().max() / scale < 1e-4, name
+
+    model.gradient_checkpointing_enable()
+    model.train()
+    calls = count_fused_calls(model, monkeypatch)
+    checkpointed_loss, checkpointed = loss_and_gradients(model, pixels.clone(), labels)
+    assert calls[0] == 2 * model.config.num_hidden_layers  # forward, then the recomputation in backward
+    model.gradient_checkpointing_disable()
+    plain_loss, plain = loss_and_gradients(model, pixels.clone(), labels)
+    torch.testing.assert_close(checkpointed_loss, plain_loss)
+    for name, grad in checkpointed.items():
+        torch.testing.assert_close(grad, plain[name])
+
+
+def test_regular_path_wherever_the_onednn_one_could_change_behaviour(monkeypatch):
     model = tiny_model()
     calls = count_fused_calls(model, monkeypatch)
     pixels = torch.randn(1, 3, 28, 28)
 
-    model(pixels)  # gradients enabled
     with torch.no_grad():
         model.double()(pixels.double())  # float64
         model.float()
-        model.train()
-        model(pixels)  # training mode (dropout, drop path)
-        model.eval()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(pixels)  # autocast decides the products' dtype
         with torch.backends.mkldnn.flags(enabled=False):
             model(pixels)  # oneDNN switched off by the user
     assert calls[0] == 0
 
-    # a hook on a submodule the fused path would skip (fc1) must fire, so that block goes the regular way
+    # a hook on a submodule the oneDNN path would skip (fc1) must fire, so that block goes the regular way
     seen = []
     handle = model.encoder.layer[1].mlp.fc1.register_forward_hook(lambda m, i, o: seen.append(o.shape))
     with torch.no_grad():
         model(pixels)
     handle.remove()
     assert seen == [(1, 1 + 4 + 4, 64)]
-    assert calls[0] == model.config.num_hidden_layers - 1  # the two other blocks stay fused
+    assert calls[0] == model.config.num_hidden_layers - 1  # the two other blocks keep the oneDNN path
 
     # a replaced forward (as accelerate's offloading hooks do) is respected too
     attention = model.encoder.layer[0].attention
@@ -133,18 +198,6 @@ def test_regular_path_wherever_the_fused_one_could_change_behaviour(monkeypatch)
     with torch.no_grad():
         model(pixels)
     assert calls[0] == 2 * model.config.num_hidden_layers - 2
-
-
-def test_gradients_flow_and_are_unchanged_by_an_earlier_no_grad_call():
-    model = tiny_model()
-    pixels = torch.randn(2, 3, 28, 28)
-    with torch.no_grad():
-        model(pixels)
-    model.zero_grad()
-    model(pixels).last_hidden_state.square().mean().backward()
-    grads = [p.grad for p in model.parameters() if p.requires_grad and p is not model.embeddings.mask_token]
-    assert all(g is not None and torch.isfinite(g).all() for g in grads)
-    assert model.encoder.layer[0].attention.qkv.weight.grad.abs().sum() > 0
 
 
 def test_pretrained_default_model_agrees_between_paths():
