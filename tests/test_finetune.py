@@ -121,6 +121,31 @@ def _max_diff(a, b):
 # Optimiser
 
 
+def test_training_images_are_converted_like_analysis_inputs(tmp_path):
+    """Transparent pixels become white (not black, PIL's plain convert) and 16-bit samples are rescaled to 8 bits,
+    whether the image comes as a PIL image, a path or a `datasets` dict of bytes."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from vit_registers.analysis import to_rgb as analysis_to_rgb
+    from vit_registers.training.data import to_rgb
+
+    rgba = Image.new("RGBA", (4, 4), (10, 20, 30, 0))
+    path = tmp_path / "clear.png"
+    rgba.save(path)
+    buffer = io.BytesIO()
+    rgba.save(buffer, format="PNG")
+    for source in (rgba, path, str(path), {"bytes": buffer.getvalue(), "path": None}):
+        converted = to_rgb(source)
+        assert converted.mode == "RGB" and np.asarray(converted).min() == 255, source
+    assert np.asarray(rgba.convert("RGB")).max() == 30  # what the old conversion gave: the hidden colour
+    deep = Image.fromarray(np.full((3, 3), 65535, dtype=np.uint16))
+    assert np.asarray(to_rgb(deep)).min() == 255
+    assert np.array_equal(np.asarray(to_rgb(deep)), np.asarray(analysis_to_rgb(deep)))
+
+
 def test_parameter_groups_no_decay_on_tokens_norms_biases_and_layer_decay():
     config = ViTRegistersConfig(**TINY, num_register_tokens=2, num_labels=3)
     model = ViTRegistersForImageClassification(config)

@@ -216,6 +216,19 @@ class ViTRegistersConfig(BackboneConfigMixin, PretrainedConfig):
     def num_test_time_registers(self) -> int:
         return int((self.test_time_registers or {}).get("num_tokens", 0))
 
+    def token_slices(self, num_tokens: int) -> dict[str, tuple[slice, ...]]:
+        """Where each token group sits in a sequence of `num_tokens`, laid out as
+        `[CLS] + registers + patches + test-time registers`: `{"cls", "registers", "patches"}` → slices (the
+        registers' second slice holds the test-time registers). The one place that layout is written down; plain
+        slices, so that symbolic sizes (torch.export with dynamic height and width) stay symbolic."""
+        start, registers_end = int(self.use_cls_token), self.num_prefix_tokens
+        end = num_tokens - self.num_test_time_registers
+        return {
+            "cls": (slice(0, start),),
+            "registers": (slice(start, registers_end), slice(end, num_tokens)),
+            "patches": (slice(registers_end, end),),
+        }
+
     def _check_values(self) -> None:
         def fail(message: str) -> None:
             raise ValueError(f"ViTRegistersConfig: {message}")

@@ -614,15 +614,11 @@ class ViTRegistersModel(ViTRegistersPreTrainedModel):
 
     def split_tokens(self, tokens: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
         """Split a `(batch, tokens, hidden)` sequence into (CLS or None, registers incl. test-time, patches)."""
-        config = self.config
-        start = int(config.use_cls_token)
-        cls_token = tokens[:, 0] if config.use_cls_token else None
-        trained = tokens[:, start : start + config.num_register_tokens]
-        extra = config.num_test_time_registers
-        end = tokens.shape[1] - extra
-        patches = tokens[:, start + config.num_register_tokens : end]
-        registers = torch.cat([trained, tokens[:, end:]], dim=1) if extra else trained
-        return cls_token, registers, patches
+        groups = self.config.token_slices(tokens.shape[1])
+        cls_token = tokens[:, 0] if self.config.use_cls_token else None
+        trained, test_time = (tokens[:, group] for group in groups["registers"])
+        registers = torch.cat([trained, test_time], dim=1) if self.config.num_test_time_registers else trained
+        return cls_token, registers, tokens[:, groups["patches"][0]]
 
     def pool(self, cls_token: torch.Tensor | None, patch_tokens: torch.Tensor) -> torch.Tensor:
         """`config.pooling`: CLS, fc_norm(mean of patches), or both concatenated. Registers are never pooled."""

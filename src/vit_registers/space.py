@@ -45,7 +45,6 @@ from .analysis.images import (  # noqa: E402
     target_short_side,
 )
 from .analysis.loading import ModelLoadError, load_model  # noqa: E402
-from .analysis.norms import group_norms, token_norms  # noqa: E402
 from .analysis.outliers import outlier_threshold  # noqa: E402
 from .analysis.pipeline import analyze_batch, label_outliers  # noqa: E402
 
@@ -333,25 +332,13 @@ def analyze_model(
     if rule == "percentile" and not 0.0 <= float(value) <= 100.0:
         raise DemoError(f"A percentile must lie between 0 and 100, got {value}.")
     prepared = prepare_for_model(image, entry.processor, config.patch_size, max_side)
-    captured = {}
-
-    def keep_last_hidden_state(module, args, output):  # the per-token norms of the registers, same forward pass
-        states = getattr(output, "hidden_states", None)
-        if states is not None and "hidden" not in captured:
-            captured["hidden"] = states[-1].detach()
-
     with entry.lock:
-        handle = model.register_forward_hook(keep_last_hidden_state)
-        try:
-            (analysis,) = analyze_batch(model, prepared.pixel_values[None], layers=[layer])
-        finally:
-            handle.remove()
+        (analysis,) = analyze_batch(model, prepared.pixel_values[None], layers=[layer])
     threshold = outlier_threshold([analysis.patch_norm_map], rule=rule, threshold=float(value), percentile=value)
     label_outliers([analysis], threshold)
     summary = analysis.outlier_summary()
-    groups = group_norms(token_norms(captured["hidden"]), config)
-    register_norms = groups["registers"][0].tolist()
-    cls_norm = groups["cls"][0].tolist()
+    register_norms = analysis.last_layer_norms["registers"].tolist()  # last layer, before the final norm
+    cls_norm = analysis.last_layer_norms["cls"].tolist()
     maps = analysis.attention[0]
     named = maps.named_maps()
     shown = prepared.image

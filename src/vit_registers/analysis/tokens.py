@@ -22,17 +22,11 @@ class TokenLayout:
 
     @classmethod
     def from_config(cls, config, num_tokens: int) -> TokenLayout:
-        start = int(config.use_cls_token)
-        num_registers = int(config.num_register_tokens)
-        extra = int(getattr(config, "num_test_time_registers", 0) or 0)
-        end = num_tokens - extra
-        if end - start - num_registers <= 0:
+        groups = config.token_slices(num_tokens)  # the model's own layout (ViTRegistersConfig.token_slices)
+        if groups["patches"][0].stop <= groups["patches"][0].start:
             raise ValueError(f"A sequence of {num_tokens} tokens has no patch tokens under this model's layout.")
-        return cls(
-            cls=torch.arange(0, start),
-            registers=torch.cat([torch.arange(start, start + num_registers), torch.arange(end, num_tokens)]),
-            patches=torch.arange(start + num_registers, end),
-        )
+        positions = torch.arange(num_tokens)
+        return cls(**{name: torch.cat([positions[group] for group in groups[name]]) for name in GROUPS})
 
     def group(self, name: str) -> torch.Tensor:
         return getattr(self, name)

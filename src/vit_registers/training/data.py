@@ -230,12 +230,16 @@ def load_classification_data(
 
 
 def to_rgb(image) -> Image.Image:
-    """A PIL RGB image from a PIL image, a path or a `datasets` image dict."""
+    """An 8-bit PIL RGB image from a PIL image, a path or a `datasets` image dict, converted exactly as the analysis
+    converts its inputs (`vit_registers.analysis.images.to_rgb`: alpha on white, 16-bit and float images rescaled), so
+    a model is trained on what it is later analysed with."""
+    from ..analysis.images import to_rgb as pil_to_rgb
+
     if isinstance(image, dict):
         image = Image.open(image["path"]) if image.get("bytes") is None else Image.open(io.BytesIO(image["bytes"]))
     elif isinstance(image, (str, os.PathLike)):
         image = Image.open(image)
-    return image.convert("RGB")
+    return pil_to_rgb(image)
 
 
 def processor_geometry(image_processor) -> tuple[int | tuple[int, int], tuple[int, int]]:
