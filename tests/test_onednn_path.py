@@ -207,3 +207,46 @@ def test_pretrained_default_model_agrees_between_paths():
     pixels = torch.randn(2, 3, *(g * model.config.patch_size for g in model.config.image_grid))
     regular, fused = regular_and_fused(model.eval(), pixels)
     torch.testing.assert_close(fused.last_hidden_state, regular.last_hidden_state, atol=1e-4, rtol=0)
+
+
+def test_compiled_inference_keeps_the_onednn_products_as_opaque_ops():
+    """Under torch.compile without gradients the products stay oneDNN custom ops (Inductor fuses the rest); compiled
+    training and torch.export keep the plain ATen graph."""
+    model = tiny_model(num_register_tokens=2)
+    pixels = torch.randn(2, 3, 28, 42)
+    graphs = []
+
+    def recording_backend(gm, example_inputs):
+        ops = (torch._ops.OpOverloadPacket, torch._ops.OpOverload)
+        graphs.append({str(n.target) if isinstance(n.target, ops) else getattr(n.target, "__name__", str(n.target))
+                       for n in gm.graph.nodes if n.op == "call_function"})
+        return gm.forward
+
+    with torch.no_grad():
+        expected = model(pixels).last_hidden_state
+        compiled = torch.compile(model, backend=recording_backend, fullgraph=True)
+        torch.testing.assert_close(compiled(pixels).last_hidden_state, expected, atol=TOLERANCE, rtol=0)
+    targets = graphs[-1]
+    assert "vit_registers.onednn_linear" in targets  # LayerScale on: no residual inside the product
+    assert "vit_registers.onednn_linear_add" not in targets and "linear" not in targets
+
+    torch._dynamo.reset()
+    graphs.clear()
+    compiled = torch.compile(model, backend=recording_backend, fullgraph=True)
+    compiled(pixels).last_hidden_state.sum().backward()  # gradients enabled: plain ops
+    assert not any("vit_registers" in target for target in graphs[-1])
+
+    with torch.no_grad():
+        exported = torch.export.export(model, (pixels,))
+    assert not any("vit_registers" in str(node.target) for node in exported.graph.nodes)
+    torch._dynamo.reset()
+
+
+def test_compiled_inference_with_inductor_matches_eager_without_layerscale():
+    model = tiny_model(layerscale_value=None)  # the residual joins the product: the opaque linear_add op
+    pixels = torch.randn(1, 3, 28, 28)
+    with torch.no_grad():
+        expected = model(pixels).last_hidden_state
+        compiled = torch.compile(model, fullgraph=True)
+        torch.testing.assert_close(compiled(pixels).last_hidden_state, expected, atol=TOLERANCE, rtol=0)
+    torch._dynamo.reset()

@@ -338,12 +338,44 @@ class _OneDNNLinearFunction(torch.autograd.Function):
         return grad_inputs, grad_weight, grad_bias
 
 
+def _opaque_onednn_ops():
+    """`(linear, linear_add)`: the oneDNN products as opaque custom ops for torch.compile (Inductor lowers
+    `mkldnn._linear_pointwise` only for frozen weights; an opaque op keeps the product and lets Inductor fuse the rest
+    around it). Registered once per process, also when this file is imported a second time as remote code."""
+    namespace = torch.ops.vit_registers
+    if _ONEDNN_LINEAR is None or hasattr(namespace, "onednn_linear"):
+        return getattr(namespace, "onednn_linear", None), getattr(namespace, "onednn_linear_add", None)
+
+    def linear(inputs, weight, bias, post_op, algorithm):
+        return _ONEDNN_LINEAR(inputs.contiguous(), weight, bias, post_op, [], algorithm)
+
+    def linear_add(inputs, other, weight, bias):
+        return _ONEDNN_LINEAR.binary(inputs.contiguous(), other.contiguous(), weight, bias, "add")
+
+    linear_op = torch.library.custom_op(
+        "vit_registers::onednn_linear", linear, mutates_args=(),
+        schema="(Tensor inputs, Tensor weight, Tensor? bias, str post_op, str algorithm) -> Tensor",
+    )
+    linear_op.register_fake(lambda inputs, weight, *_: inputs.new_empty((*inputs.shape[:-1], weight.shape[0])))
+    add_op = torch.library.custom_op(
+        "vit_registers::onednn_linear_add", linear_add, mutates_args=(),
+        schema="(Tensor inputs, Tensor other, Tensor weight, Tensor? bias) -> Tensor",
+    )
+    add_op.register_fake(lambda inputs, other, *_: other.new_empty(other.shape))
+    return namespace.onednn_linear, namespace.onednn_linear_add
+
+
+_COMPILED_LINEAR, _COMPILED_LINEAR_ADD = _opaque_onednn_ops()
+
+
 def onednn_linear(inputs: torch.Tensor, linear: nn.Linear, post_op: str = "none", algorithm: str = "") -> torch.Tensor:
     """`post_op(linear(inputs))` as one oneDNN product; with gradients enabled only `post_op="none"` (differentiable)."""
     if torch.is_grad_enabled():
         if post_op != "none":
             raise ValueError("oneDNN post-ops have no gradient: apply the activation after the product")
         return _OneDNNLinearFunction.apply(inputs, linear.weight, linear.bias)
+    if torch.compiler.is_compiling():
+        return _COMPILED_LINEAR(inputs, linear.weight, linear.bias, post_op, algorithm)
     return _ONEDNN_LINEAR(inputs, linear.weight, linear.bias, post_op, [], algorithm)
 
 
@@ -353,8 +385,10 @@ def _onednn_path_available(hidden_states: torch.Tensor) -> bool:
         return False
     if hidden_states.device.type != "cpu" or hidden_states.dtype != torch.float32:
         return False
-    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting():
-        return False
+    if torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_exporting():
+        return False  # exported and traced graphs stay with portable ATen ops
+    if torch.compiler.is_compiling() and torch.is_grad_enabled():
+        return False  # compiled training: AOTAutograd differentiates the plain ops and fuses on its own
     if torch.is_autocast_enabled("cpu"):
         return False
     module_hooks = torch.nn.modules.module
@@ -499,6 +533,8 @@ class ViTRegistersLayer(GradientCheckpointingLayer):
         without it (oneDNN adds the residual in the epilogue)."""
         if isinstance(layer_scale, ViTRegistersLayerScale):
             return torch.addcmul(residual, onednn_linear(inputs, linear), layer_scale.gamma)
+        if torch.compiler.is_compiling():
+            return _COMPILED_LINEAR_ADD(inputs, residual, linear.weight, linear.bias)
         return _ONEDNN_LINEAR.binary(inputs, residual, linear.weight, linear.bias, "add")
 
 
