@@ -46,6 +46,11 @@ def test_algorithm_2_on_a_hand_checked_example():
         ]
     )
     torch.testing.assert_close(edited, expected, rtol=0, atol=0)
+    original = hidden.clone()
+    assert torch.equal(hidden, original)  # the default leaves its input alone
+    in_place = apply_test_time_registers(hidden, torch.tensor([0, 2]), num_registers=1, inplace=True)
+    assert in_place.data_ptr() == hidden.data_ptr() and not torch.equal(hidden, original)
+    torch.testing.assert_close(in_place, expected, rtol=0, atol=0)
 
 
 def test_zero_test_time_registers_equal_the_plain_model_exactly():

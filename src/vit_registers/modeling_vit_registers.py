@@ -395,19 +395,21 @@ def _onednn_path_available(hidden_states: torch.Tensor) -> bool:
     return not (module_hooks._global_forward_hooks or module_hooks._global_forward_pre_hooks)
 
 
-def apply_test_time_registers(hidden: torch.Tensor, neurons: torch.Tensor, num_registers: int) -> torch.Tensor:
+def apply_test_time_registers(
+    hidden: torch.Tensor, neurons: torch.Tensor, num_registers: int, inplace: bool = False
+) -> torch.Tensor:
     """Jiang et al. 2025, Algorithm 2, on MLP hidden activations `(batch, tokens, units)`.
 
     In each register neuron the last `num_registers` tokens (the test-time registers) take the maximum activation
     over all tokens of their own image, and every other token's activation is set to 0. Every image of the batch is
-    edited independently.
+    edited independently. `inplace` writes the edited columns into `hidden` instead of copying all of it.
     """
     selected = hidden[..., neurons]
     peak = selected.amax(dim=1, keepdim=True)
     is_register = torch.zeros(hidden.shape[1], 1, dtype=torch.bool, device=hidden.device)
     is_register[hidden.shape[1] - num_registers :] = True
     edited = torch.where(is_register, peak, torch.zeros_like(selected))
-    return hidden.index_copy(-1, neurons, edited)
+    return hidden.index_copy_(-1, neurons, edited) if inplace else hidden.index_copy(-1, neurons, edited)
 
 
 class ViTRegistersMLP(nn.Module):
@@ -452,7 +454,10 @@ class ViTRegistersMLP(nn.Module):
                 hidden = self.activation(hidden)
         if self.num_test_time_registers:
             neurons = torch.tensor(self.register_neurons, dtype=torch.long, device=hidden.device)
-            hidden = apply_test_time_registers(hidden, neurons, self.num_test_time_registers)
+            # without gradients the activations are this call's own scratch tensor: edit the neurons' columns in place
+            hidden = apply_test_time_registers(
+                hidden, neurons, self.num_test_time_registers, inplace=not torch.is_grad_enabled()
+            )
         return hidden
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
