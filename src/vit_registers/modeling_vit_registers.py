@@ -290,10 +290,11 @@ class ViTRegistersDropPath(nn.Module):
 # with the bias added in the product's epilogue, where `F.linear` first copies the bias into the output and then runs
 # MKL's GEMM; without gradients the MLP activation and (without LayerScale) the residual addition join the epilogue
 # too, saving a pass over memory each. Gradients go through `_OneDNNLinearFunction` (oneDNN forward, the usual products
-# backward). Used only where it changes nothing but speed: float32 on the CPU, no autocast, no hooks or replaced
-# forwards on the block's modules, plain `nn.Linear` weights, not under torch.compile / export / tracing (compilers
-# fuse on their own), and `torch.backends.mkldnn.enabled`. oneDNN sums the products in another order than MKL, so
-# results differ from the plain path by float32 rounding only (tests compare every token and every gradient).
+# backward); under torch.compile without gradients the products are opaque custom ops and Inductor fuses the rest.
+# Used only where it changes nothing but speed: float32 on the CPU, no autocast, no hooks or replaced forwards on the
+# block's modules, plain `nn.Linear` weights, not in compiled training, export or tracing (plain ATen graphs there),
+# and `torch.backends.mkldnn.enabled`. oneDNN sums the products in another order than MKL, so results differ from the
+# plain path by float32 rounding only (tests compare every token and every gradient).
 # ----------------------------------------------------------------------------------------------------------------------
 _ONEDNN_LINEAR = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
 # config.hidden_act -> (oneDNN post-op, algorithm); other activations run after an unfused product
