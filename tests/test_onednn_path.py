@@ -23,7 +23,7 @@ pytestmark = pytest.mark.skipif(
 TOLERANCE = 2e-5
 
 
-def count_fused_calls(model, monkeypatch) -> list[int]:
+def count_onednn_calls(monkeypatch) -> list[int]:
     calls = [0]
     original = ViTRegistersLayer.onednn_forward
 
@@ -35,7 +35,7 @@ def count_fused_calls(model, monkeypatch) -> list[int]:
     return calls
 
 
-def regular_and_fused(model, pixels, **kwargs):
+def regular_and_onednn(model, pixels, **kwargs):
     with torch.no_grad():
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(modeling_vit_registers, "_onednn_path_available", lambda hidden_states: False)
@@ -61,9 +61,9 @@ def regular_and_fused(model, pixels, **kwargs):
 )
 def test_fused_path_matches_regular_path_on_every_token(overrides, monkeypatch):
     model = tiny_model(num_register_tokens=overrides.pop("num_register_tokens", 4), **overrides)
-    calls = count_fused_calls(model, monkeypatch)
+    calls = count_onednn_calls(monkeypatch)
     pixels = torch.randn(2, 3, 28, 42)
-    regular, fused = regular_and_fused(model, pixels, output_hidden_states=True)
+    regular, fused = regular_and_onednn(model, pixels, output_hidden_states=True)
     assert calls[0] == model.config.num_hidden_layers  # every block took the fused path, once
     torch.testing.assert_close(fused.last_hidden_state, regular.last_hidden_state, atol=TOLERANCE, rtol=0)
     torch.testing.assert_close(fused.pooler_output, regular.pooler_output, atol=TOLERANCE, rtol=0)
@@ -77,9 +77,9 @@ def test_fused_path_matches_regular_path_on_every_token(overrides, monkeypatch):
 def test_fused_path_returns_attention_weights_and_test_time_registers(monkeypatch):
     model = tiny_model(num_register_tokens=2)
     model.set_test_time_registers({1: [0, 3, 5], 2: [7]}, num_tokens=1)
-    calls = count_fused_calls(model, monkeypatch)
+    calls = count_onednn_calls(monkeypatch)
     pixels = torch.randn(2, 3, 28, 28)
-    regular, fused = regular_and_fused(model, pixels, attention_layers=[0, -1])
+    regular, fused = regular_and_onednn(model, pixels, attention_layers=[0, -1])
     assert calls[0] == 3
     assert len(fused.attentions) == 2
     for fused_weights, regular_weights in zip(fused.attentions, regular.attentions, strict=True):
@@ -95,7 +95,7 @@ def test_fused_path_returns_attention_weights_and_test_time_registers(monkeypatc
 
 def test_classifier_logits_match_under_inference_mode(monkeypatch):
     model = tiny_model(ViTRegistersForImageClassification, num_labels=5)
-    calls = count_fused_calls(model, monkeypatch)
+    calls = count_onednn_calls(monkeypatch)
     pixels = torch.randn(3, 3, 28, 28)
     with torch.no_grad(), pytest.MonkeyPatch.context() as patch:
         patch.setattr(modeling_vit_registers, "_onednn_path_available", lambda hidden_states: False)
@@ -126,7 +126,7 @@ def loss_and_gradients(model, pixels, labels, create_graph=False):
 )
 def test_training_gradients_match_regular_path_on_every_parameter(overrides, monkeypatch):
     model = tiny_model(ViTRegistersForImageClassification, num_labels=5, pooling="cls_mean", **overrides).train()
-    calls = count_fused_calls(model, monkeypatch)
+    calls = count_onednn_calls(monkeypatch)
     pixels, labels = torch.randn(3, 3, 28, 42), torch.tensor([0, 3, 4])
     torch.manual_seed(1)  # dropout and drop path draw their masks in the same order on both paths
     loss, grads = loss_and_gradients(model, pixels, labels)
@@ -159,7 +159,7 @@ def test_double_backward_and_gradient_checkpointing_match_regular_path(monkeypat
 
     model.gradient_checkpointing_enable()
     model.train()
-    calls = count_fused_calls(model, monkeypatch)
+    calls = count_onednn_calls(monkeypatch)
     checkpointed_loss, checkpointed = loss_and_gradients(model, pixels.clone(), labels)
     assert calls[0] == 2 * model.config.num_hidden_layers  # forward, then the recomputation in backward
     model.gradient_checkpointing_disable()
@@ -171,7 +171,7 @@ def test_double_backward_and_gradient_checkpointing_match_regular_path(monkeypat
 
 def test_regular_path_wherever_the_onednn_one_could_change_behaviour(monkeypatch):
     model = tiny_model()
-    calls = count_fused_calls(model, monkeypatch)
+    calls = count_onednn_calls(monkeypatch)
     pixels = torch.randn(1, 3, 28, 28)
 
     with torch.no_grad():
@@ -205,7 +205,7 @@ def test_pretrained_default_model_agrees_between_paths():
 
     model = ViTRegistersModel.from_pretrained(default_model_path(4))
     pixels = torch.randn(2, 3, *(g * model.config.patch_size for g in model.config.image_grid))
-    regular, fused = regular_and_fused(model.eval(), pixels)
+    regular, fused = regular_and_onednn(model.eval(), pixels)
     torch.testing.assert_close(fused.last_hidden_state, regular.last_hidden_state, atol=1e-4, rtol=0)
 
 
