@@ -33,7 +33,7 @@ def run(args, context) -> dict:
         for row in case_rows:
             row["times_forward"] = row.pop("ratio_ours_over_this")
         rows += case_rows
-        context.log(format_table(case_rows).split("\n", 2)[2])
+        context.log_rows(format_table(case_rows))
     return {"rows": rows, "markdown": format_table(rows)}
 
 

@@ -72,7 +72,7 @@ def run(args, context) -> dict:
             times = time_alternating(forwards, x, args.repeats, args.warmup, max_seconds=args.max_case_seconds)
             case_rows = timing_rows("attention", times, 1, arch=arch, image_size=image_size, batch_size=1)
             rows += case_rows
-            context.log(format_table(case_rows).split("\n", 2)[2])
+            context.log_rows(format_table(case_rows))
     return {"rows": rows, "parity_max_abs_diff": parity, "markdown": format_table(rows)}
 
 

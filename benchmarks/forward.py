@@ -17,8 +17,6 @@ from .common import (
     check_parity,
     forward_flops,
     markdown_table,
-    paired_ratios,
-    quartiles,
     ratio_text,
     time_alternating,
     timing_rows,
@@ -39,16 +37,16 @@ def run_case(arch: str, image_size: int, batch_size: int, repeats: int, warmup: 
         forwards = {**forwards, **compiled}
     times = time_alternating(forwards, x, repeats, warmup, max_seconds=max_seconds)
     flops = forward_flops(config, batch_size, image_size)
-    rows = timing_rows("forward", times, batch_size, arch=arch, image_size=image_size, batch_size=batch_size)
-    compiled_ours = times.get(f"{OURS}+compile")
+    case = dict(arch=arch, image_size=image_size, batch_size=batch_size)
+    plain = {name: t for name, t in times.items() if not name.endswith("+compile")}
+    compiled_times = {name: t for name, t in times.items() if name.endswith("+compile")}
+    rows = timing_rows("forward", plain, batch_size, **case)
+    if compiled_times:  # compiled peers against our compiled model
+        rows += timing_rows("forward", compiled_times, batch_size, reference=f"{OURS}+compile", **case)
     for row in rows:
         row["images_per_s"] = row.pop("items_per_s")
         row["gflops"] = flops / 1e9
         row["gemm_fraction"] = None if peak is None else flops / row["median_s"] / peak
-        if row["implementation"].endswith("+compile"):  # compiled peers against our compiled model
-            ratios = paired_ratios(row["times_s"], compiled_ours)
-            row["ratio_ours_over_this"], row["ratio_quartiles"] = statistics.median(ratios), quartiles(ratios)
-            row["ratio_of_medians"] = row["median_s"] / statistics.median(compiled_ours)
     return rows, parity, config
 
 
@@ -112,7 +110,7 @@ def run(args, context) -> dict:
                 )
                 rows += case_rows
                 parity[f"{arch}@{image_size}"] = case_parity
-                context.log(format_table(case_rows).split("\n", 2)[2])
+                context.log_rows(format_table(case_rows))
     return {"rows": rows, "parity_max_abs_diff": parity, "markdown": format_table(rows), "configs": configs}
 
 

@@ -65,7 +65,7 @@ def run(args, context) -> dict:
             for row in case_rows:  # > 1 would mean faster with the intervention
                 row["throughput_vs_plain"] = 1.0 / row.pop("ratio_ours_over_this")
             rows += case_rows
-            context.log(format_table(case_rows).split("\n", 2)[2])
+            context.log_rows(format_table(case_rows))
     return {"rows": rows, "setup": checks, "markdown": format_table(rows)}
 
 

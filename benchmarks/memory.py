@@ -139,7 +139,7 @@ def run(args, context) -> dict:
                     )
                     row["peak_ratio_ours_over_this"] = row["peak_mb"] / ours["peak_mb"]
                 rows += case_rows
-                context.log(format_table(case_rows).split("\n", 2)[2])
+                context.log_rows(format_table(case_rows))
     return {"rows": rows, "markdown": format_table(rows)}
 
 

@@ -95,6 +95,10 @@ class Context:
         if self.verbose:
             print(text, file=sys.stderr, flush=True)
 
+    def log_rows(self, table: str) -> None:
+        """Log the rows of a Markdown table without its two header lines (progress while a section runs)."""
+        self.log(table.split("\n", 2)[2])
+
 
 def _csv(kind: Callable):
     def parse(text: str):

@@ -126,7 +126,7 @@ def run(args, context) -> dict:
         )
         case_rows = timing_rows("training", times, batch_size, arch=arch, image_size=image_size, batch_size=batch_size)
         rows += case_rows
-        context.log(format_table(case_rows).split("\n", 2)[2])
+        context.log_rows(format_table(case_rows))
     return {"rows": rows, "parity_max_abs_diff": parity, "markdown": format_table(rows)}
 
 

@@ -226,10 +226,11 @@ class ViTRegistersAttention(nn.Module):
         self.proj_dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(
-        self, hidden_states: torch.Tensor, output_attentions: bool = False
+        self, hidden_states: torch.Tensor, output_attentions: bool = False, onednn: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        output, weights = self.attend(self.qkv(hidden_states), output_attentions)
-        return self.proj_dropout(self.proj(output)), weights
+        """`onednn`: the projections as oneDNN products (the block's oneDNN path, see `onednn_linear`)."""
+        output, weights = self.attend(_project(hidden_states, self.qkv, onednn), output_attentions)
+        return self.proj_dropout(_project(output, self.proj, onednn)), weights
 
     def attend(self, qkv: torch.Tensor, output_attentions: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Attention of the fused projection `qkv` `(batch, tokens, 3 * hidden)`: the heads' outputs, merged to
@@ -380,6 +381,18 @@ def onednn_linear(inputs: torch.Tensor, linear: nn.Linear, post_op: str = "none"
     return _ONEDNN_LINEAR(inputs, linear.weight, linear.bias, post_op, [], algorithm)
 
 
+def onednn_linear_add(inputs: torch.Tensor, residual: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
+    """`residual + linear(inputs)` as one oneDNN product, the residual added in its epilogue (no gradients)."""
+    if torch.compiler.is_compiling():
+        return _COMPILED_LINEAR_ADD(inputs, residual, linear.weight, linear.bias)
+    return _ONEDNN_LINEAR.binary(inputs, residual, linear.weight, linear.bias, "add")
+
+
+def _project(inputs: torch.Tensor, linear: nn.Linear, onednn: bool) -> torch.Tensor:
+    """`linear(inputs)`, as a oneDNN product on the block's oneDNN path."""
+    return onednn_linear(inputs, linear) if onednn else linear(inputs)
+
+
 def _onednn_path_available(hidden_states: torch.Tensor) -> bool:
     """Whether a block may take the oneDNN path for `hidden_states` (the conditions that do not depend on the block)."""
     if _ONEDNN_LINEAR is None or not torch.backends.mkldnn.enabled:
@@ -447,7 +460,7 @@ class ViTRegistersMLP(nn.Module):
         if post_op is not None:
             hidden = onednn_linear(hidden_states, self.fc1, *post_op)
         else:
-            hidden = onednn_linear(hidden_states, self.fc1) if onednn else self.fc1(hidden_states)
+            hidden = _project(hidden_states, self.fc1, onednn)
             if self.swiglu:
                 gate, value = hidden.chunk(2, dim=-1)
                 hidden = self.activation(gate) * value
@@ -461,9 +474,9 @@ class ViTRegistersMLP(nn.Module):
             )
         return hidden
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        hidden = self.dropout(self.hidden_activations(hidden_states))
-        return self.dropout(self.fc2(hidden))
+    def forward(self, hidden_states: torch.Tensor, onednn: bool = False) -> torch.Tensor:
+        hidden = self.dropout(self.hidden_activations(hidden_states, onednn))
+        return self.dropout(_project(hidden, self.fc2, onednn))
 
 
 class ViTRegistersLayer(GradientCheckpointingLayer):
@@ -487,10 +500,17 @@ class ViTRegistersLayer(GradientCheckpointingLayer):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self.can_use_onednn(hidden_states):
             return self.onednn_forward(hidden_states, output_attentions)
-        attended, weights = self.attention(self.norm1(hidden_states), output_attentions)
+        return self.compose(hidden_states, output_attentions)
+
+    def compose(
+        self, hidden_states: torch.Tensor, output_attentions: bool = False, onednn: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The block from its submodules; `onednn`: their matrix products in oneDNN (see `onednn_linear`)."""
+        attended, weights = self.attention(self.norm1(hidden_states), output_attentions, onednn=onednn)
         hidden_states = hidden_states + self.drop_path(self.layer_scale1(attended))
         del attended  # free the attention output before the MLP, where activation memory peaks
-        hidden_states = hidden_states + self.drop_path(self.layer_scale2(self.mlp(self.norm2(hidden_states))))
+        mlp_output = self.mlp(self.norm2(hidden_states), onednn=onednn)
+        hidden_states = hidden_states + self.drop_path(self.layer_scale2(mlp_output))
         return hidden_states, weights
 
     def can_use_onednn(self, hidden_states: torch.Tensor) -> bool:
@@ -515,18 +535,12 @@ class ViTRegistersLayer(GradientCheckpointingLayer):
         """`forward` with oneDNN products (the same arithmetic up to float32 rounding). With gradients or in training
         mode the regular composition (dropout, drop path, LayerScale modules) around oneDNN products; otherwise the
         activation and the residual move into the products' epilogues."""
+        if self.training or torch.is_grad_enabled():
+            return self.compose(hidden_states, output_attentions, onednn=True)
         attention, mlp = self.attention, self.mlp
         qkv = onednn_linear(self.norm1(hidden_states), attention.qkv)
         attended, weights = attention.attend(qkv, output_attentions)
         del qkv
-        if self.training or torch.is_grad_enabled():
-            branch = attention.proj_dropout(onednn_linear(attended, attention.proj))
-            del attended
-            hidden_states = hidden_states + self.drop_path(self.layer_scale1(branch))
-            del branch
-            activations = mlp.dropout(mlp.hidden_activations(self.norm2(hidden_states), onednn=True))
-            branch = mlp.dropout(onednn_linear(activations, mlp.fc2))
-            return hidden_states + self.drop_path(self.layer_scale2(branch)), weights
         hidden_states = self._residual(hidden_states, attended.contiguous(), attention.proj, self.layer_scale1)
         del attended
         activations = mlp.hidden_activations(self.norm2(hidden_states), onednn=True)
@@ -539,9 +553,7 @@ class ViTRegistersLayer(GradientCheckpointingLayer):
         without it (oneDNN adds the residual in the epilogue)."""
         if isinstance(layer_scale, ViTRegistersLayerScale):
             return torch.addcmul(residual, onednn_linear(inputs, linear), layer_scale.gamma)
-        if torch.compiler.is_compiling():
-            return _COMPILED_LINEAR_ADD(inputs, residual, linear.weight, linear.bias)
-        return _ONEDNN_LINEAR.binary(inputs, residual, linear.weight, linear.bias, "add")
+        return onednn_linear_add(inputs, residual, linear)
 
 
 def resolve_layer_indices(layers: int | Iterable[int] | None, depth: int) -> tuple[int, ...]:
