@@ -326,6 +326,16 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def allocator_text() -> str:
+    """How CPU tensor memory is allocated in this process, for the report header."""
+    from vit_registers.cpu_allocator import cpu_allocator_tuned, policy_set_elsewhere
+
+    if cpu_allocator_tuned():
+        return "glibc malloc keeping freed memory (vit_registers.cpu_allocator)"
+    elsewhere = policy_set_elsewhere()
+    return f"malloc as set outside ({elsewhere})" if elsewhere else "glibc malloc defaults"
+
+
 def machine_info() -> dict:
     import timm
     import transformers
@@ -339,6 +349,7 @@ def machine_info() -> dict:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "timm": timm.__version__,
+        "allocator": allocator_text(),
     }
     try:
         with open("/proc/cpuinfo") as f:

@@ -15,6 +15,10 @@ Sections (`--sections`, default all):
   analysis             latency of vit_registers.analysis.pipeline.analyze_batch on one image (no peer)
 
 Every ratio is this project / peer oriented so that > 1 means this project is better (faster, or smaller).
+
+`--allocator glibc` (default) leaves glibc's defaults, as in any Python process, under which each forward pass
+page-faults its large activations anew; `--allocator tuned` keeps freed tensor memory in the process for every
+implementation alike, as the `vit-registers` command and the fine-tuning script do (`vit_registers.cpu_allocator`).
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ if __name__ == "__main__" and not __package__:  # `python benchmarks/run.py`: ru
 import torch  # noqa: E402
 
 from vit_registers.argtypes import positive_int  # noqa: E402
+from vit_registers.cpu_allocator import tune_cpu_allocator  # noqa: E402
 
 from . import analysis, attention, forward, interventions, memory, training  # noqa: E402
 from .common import (  # noqa: E402
@@ -157,6 +162,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ttr-neurons", type=positive_int, help="register neurons for test-time registers (50)")
     parser.add_argument("--threads", type=positive_int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--compile", action="store_true", help="forward: also time torch.compile'd versions")
+    parser.add_argument(
+        "--allocator", choices=("glibc", "tuned"), default="glibc",
+        help="glibc: glibc's defaults (default); tuned: freed tensor memory stays in the process for every "
+        "implementation (vit_registers.cpu_allocator)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", metavar="PATH", help="write every number and the machine to PATH")
     parser.add_argument("--markdown", metavar="PATH", help="write the tables to PATH")
@@ -205,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError as error:
         print(f"benchmarks: error: the benchmarks need timm and transformers ({error})", file=sys.stderr)
         return 2
+    tune_cpu_allocator("tuned" if args.allocator == "tuned" else "off")
     threads = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -257,7 +268,7 @@ def render(result: dict, tables: list[str]) -> str:
     header = (
         f"Measured on {machine.get('cpu_model', machine['processor'])} ({machine['cpu_count']} cores), "
         f"{machine['torch_threads']} torch threads, torch {machine['torch']}, transformers {machine['transformers']}, "
-        f"timm {machine['timm']}; fp32 GEMM peak {result['gemm_peak_gflops']:.0f} GFLOP/s. "
+        f"timm {machine['timm']}; {machine['allocator']}; fp32 GEMM peak {result['gemm_peak_gflops']:.0f} GFLOP/s. "
         "Ratios: this project / peer, > 1 is better for this project."
     )
     return header + "\n\n" + "\n\n".join(tables) + "\n"

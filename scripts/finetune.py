@@ -59,13 +59,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from vit_registers.cpu_allocator import tune_cpu_allocator
     from vit_registers.training.data import DataError
     from vit_registers.training.loop import FinetuneConfig, SetupError, train
 
     config = FinetuneConfig(**vars(args))
     try:
+        tune_cpu_allocator()  # activations freed after each step stay mapped for the next one
         train(config)
-    except (DataError, SetupError) as error:
+    except (DataError, SetupError, ValueError) as error:
         print(f"finetune.py: error: {error}", file=sys.stderr)
         return 2
     return 0

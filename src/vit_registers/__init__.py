@@ -3,10 +3,13 @@
 Importing the package registers the model with transformers' Auto classes (AutoConfig, AutoModel,
 AutoModelForImageClassification, AutoBackbone, AutoImageProcessor) and marks every class for `auto_map`, so that
 `save_pretrained` writes the code next to the weights and `trust_remote_code=True` works without the package.
+Importing changes no process-wide setting; `tune_cpu_allocator()` is there for scripts that want the CPU speed-up the
+package's own commands get (see `vit_registers.cpu_allocator`).
 """
 
 from .auto import register_auto_classes
 from .configuration_vit_registers import ViTRegistersConfig
+from .cpu_allocator import tune_cpu_allocator
 from .modeling_vit_registers import (
     ViTRegistersBackbone,
     ViTRegistersForImageClassification,
@@ -26,5 +29,6 @@ __all__ = [
     "ViTRegistersPreTrainedModel",
     "ViTRegistersForImageClassification",
     "ViTRegistersBackbone",
+    "tune_cpu_allocator",
     "__version__",
 ]

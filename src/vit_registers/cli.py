@@ -18,6 +18,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from .cpu_allocator import tune_cpu_allocator
+
 PROG = "vit-registers"
 
 
@@ -448,6 +450,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        tune_cpu_allocator()  # freed activations stay mapped for the next image (see vit_registers.cpu_allocator)
         return int(args._run(args) or 0)
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
