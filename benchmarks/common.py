@@ -328,10 +328,12 @@ def peak_rss_bytes() -> int:
 
 def allocator_text() -> str:
     """How CPU tensor memory is allocated in this process, for the report header."""
-    from vit_registers.cpu_allocator import cpu_allocator_tuned, policy_set_elsewhere
+    from vit_registers.cpu_allocator import cpu_allocator_settings, cpu_allocator_tuned, policy_set_elsewhere
 
     if cpu_allocator_tuned():
-        return "glibc malloc keeping freed memory (vit_registers.cpu_allocator)"
+        settings = cpu_allocator_settings()
+        kept = ", ".join(f"{name.replace('_', ' ')} {size >> 20} MiB" for name, size in settings.items())
+        return f"glibc malloc keeping freed memory ({kept}; vit_registers.cpu_allocator)"
     elsewhere = policy_set_elsewhere()
     return f"malloc as set outside ({elsewhere})" if elsewhere else "glibc malloc defaults"
 

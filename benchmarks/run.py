@@ -39,7 +39,7 @@ if __name__ == "__main__" and not __package__:  # `python benchmarks/run.py`: ru
 import torch  # noqa: E402
 
 from vit_registers.argtypes import positive_int  # noqa: E402
-from vit_registers.cpu_allocator import tune_cpu_allocator  # noqa: E402
+from vit_registers.cpu_allocator import cpu_allocator_tuned, tune_cpu_allocator  # noqa: E402
 
 from . import analysis, attention, forward, interventions, memory, training  # noqa: E402
 from .common import (  # noqa: E402
@@ -215,7 +215,14 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError as error:
         print(f"benchmarks: error: the benchmarks need timm and transformers ({error})", file=sys.stderr)
         return 2
-    tune_cpu_allocator("tuned" if args.allocator == "tuned" else "off")
+    if args.allocator == "glibc" and cpu_allocator_tuned():
+        print("benchmarks: error: --allocator glibc: glibc's allocator was already tuned in this process "
+              "(vit_registers.cpu_allocator), which cannot be undone; run the benchmarks in a fresh process",
+              file=sys.stderr)
+        return 2
+    if args.allocator == "tuned" and not tune_cpu_allocator("tuned"):
+        print("benchmarks: warning: --allocator tuned changed nothing (not glibc, or the allocator is set outside); "
+              "the report header says which allocator ran", file=sys.stderr)
     threads = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)

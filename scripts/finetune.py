@@ -66,8 +66,12 @@ def main(argv: list[str] | None = None) -> int:
     config = FinetuneConfig(**vars(args))
     try:
         tune_cpu_allocator()  # activations freed after each step stay mapped for the next one
+    except ValueError as error:  # a bad VIT_REGISTERS_CPU_ALLOCATOR, named
+        print(f"finetune.py: error: {error}", file=sys.stderr)
+        return 2
+    try:
         train(config)
-    except (DataError, SetupError, ValueError) as error:
+    except (DataError, SetupError) as error:
         print(f"finetune.py: error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -153,7 +153,8 @@ def test_smoke_of_in_process_sections(tmp_path, capsys):
     result = json.loads(out.read_text())
     assert list(result["sections"]) == sections
     assert result["gemm_peak_gflops"] > 0 and result["machine"]["torch"] == torch.__version__
-    assert result["settings"]["allocator"] == "glibc" and result["machine"]["allocator"] in printed
+    assert result["settings"]["allocator"] == "glibc" and result["machine"]["allocator"] == "glibc malloc defaults"
+    assert "glibc malloc defaults" in printed
 
     rows = {row["implementation"]: row for row in result["sections"]["forward"]["rows"]}
     assert set(rows) == set(IMPLEMENTATIONS)

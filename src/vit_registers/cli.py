@@ -47,6 +47,7 @@ class Subcommand:
     help: str
     add_arguments: Callable[[argparse.ArgumentParser], None]
     run: Callable[[argparse.Namespace], int]
+    tune_allocator: bool = True  # batch work: freed activations stay mapped (vit_registers.cpu_allocator)
 
 
 SUBCOMMANDS: dict[str, Subcommand] = {}
@@ -57,9 +58,11 @@ def register_subcommand(
     help: str,
     add_arguments: Callable[[argparse.ArgumentParser], None],
     run: Callable[[argparse.Namespace], int],
+    tune_allocator: bool = True,
 ) -> None:
-    """Add (or replace) a subcommand of `vit-registers`."""
-    SUBCOMMANDS[name] = Subcommand(help, add_arguments, run)
+    """Add (or replace) a subcommand of `vit-registers`; `tune_allocator=False` for long-running servers, which should
+    not keep freed memory resident (see `vit_registers.cpu_allocator`)."""
+    SUBCOMMANDS[name] = Subcommand(help, add_arguments, run, tune_allocator)
 
 
 def _warn(message: str) -> None:
@@ -423,7 +426,8 @@ register_subcommand("study", "accuracy, CorLoc, patch-norm statistics and figure
                     _study_arguments, run_study_command)
 register_subcommand("find-register-neurons", "find register neurons and write a model with test-time registers",
                     _neuron_arguments, run_find_register_neurons)
-register_subcommand("demo", "launch the register-explorer Space locally", _demo_arguments, _run_demo)
+register_subcommand("demo", "launch the register-explorer Space locally", _demo_arguments, _run_demo,
+                    tune_allocator=False)
 register_subcommand("corloc", "LOST CorLoc over a dataset with boxes", _corloc_arguments, run_corloc)
 
 
@@ -441,7 +445,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, command in SUBCOMMANDS.items():
         sub = subparsers.add_parser(name, help=command.help, description=command.help)
         command.add_arguments(sub)
-        sub.set_defaults(_run=command.run)
+        sub.set_defaults(_run=command.run, _tune_allocator=command.tune_allocator)
     return parser
 
 
@@ -450,7 +454,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        tune_cpu_allocator()  # freed activations stay mapped for the next image (see vit_registers.cpu_allocator)
+        if args._tune_allocator:
+            tune_cpu_allocator()  # freed activations stay mapped for the next image (see vit_registers.cpu_allocator)
         return int(args._run(args) or 0)
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
