@@ -338,6 +338,20 @@ def allocator_text() -> str:
     return f"malloc as set outside ({elsewhere})" if elsewhere else "glibc malloc defaults"
 
 
+def onednn_text() -> str:
+    """The parts of this project's oneDNN CPU path used on this CPU (`onednn_policy`), for the report header."""
+    from vit_registers.modeling_vit_registers import onednn_policy
+
+    policy = onednn_policy()
+    if not torch.backends.mkldnn.enabled or not policy.inference:
+        parts = "off"
+    else:
+        activation = "activation fused" if policy.fused_activation else "activation after the product"
+        training = "training too" if policy.training else "plain products in training"
+        parts = f"inference products, {activation}, {training}"
+    return f"oneDNN path: {parts}"
+
+
 def machine_info() -> dict:
     import timm
     import transformers
@@ -352,6 +366,8 @@ def machine_info() -> dict:
         "transformers": transformers.__version__,
         "timm": timm.__version__,
         "allocator": allocator_text(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "onednn_path": onednn_text(),
     }
     try:
         with open("/proc/cpuinfo") as f:

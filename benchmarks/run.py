@@ -273,7 +273,8 @@ def _run(args) -> int:
 def render(result: dict, tables: list[str]) -> str:
     machine = result["machine"]
     header = (
-        f"Measured on {machine.get('cpu_model', machine['processor'])} ({machine['cpu_count']} cores), "
+        f"Measured on {machine.get('cpu_model', machine['processor'])} ({machine['cpu_count']} cores, "
+        f"{machine['cpu_capability']}; {machine['onednn_path']}), "
         f"{machine['torch_threads']} torch threads, torch {machine['torch']}, transformers {machine['transformers']}, "
         f"timm {machine['timm']}; {machine['allocator']}; fp32 GEMM peak {result['gemm_peak_gflops']:.0f} GFLOP/s. "
         "Ratios: this project / peer, > 1 is better for this project."

@@ -155,6 +155,12 @@ def test_smoke_of_in_process_sections(tmp_path, capsys):
     assert result["gemm_peak_gflops"] > 0 and result["machine"]["torch"] == torch.__version__
     assert result["settings"]["allocator"] == "glibc" and result["machine"]["allocator"] == "glibc malloc defaults"
     assert "glibc malloc defaults" in printed
+    from vit_registers.modeling_vit_registers import onednn_policy
+
+    assert result["machine"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    expected_path = "plain products in training" if not onednn_policy().training else "training too"
+    assert result["machine"]["onednn_path"] in printed
+    assert expected_path in result["machine"]["onednn_path"] or not onednn_policy().inference
 
     rows = {row["implementation"]: row for row in result["sections"]["forward"]["rows"]}
     assert set(rows) == set(IMPLEMENTATIONS)

@@ -13,7 +13,7 @@ import torch
 from test_modeling import tiny_model
 from vit_registers import ViTRegistersForImageClassification, ViTRegistersModel
 from vit_registers import modeling_vit_registers
-from vit_registers.modeling_vit_registers import _ONEDNN_LINEAR, ViTRegistersLayer
+from vit_registers.modeling_vit_registers import _ONEDNN_LINEAR, OneDNNPolicy, ViTRegistersLayer
 
 pytestmark = pytest.mark.skipif(
     _ONEDNN_LINEAR is None or not torch.backends.mkldnn.is_available(),
@@ -21,6 +21,13 @@ pytestmark = pytest.mark.skipif(
 )
 # max abs difference allowed between the oneDNN and the regular path (float32 outputs of magnitude ~1-10)
 TOLERANCE = 2e-5
+EVERY_PART = OneDNNPolicy(inference=True, fused_activation=True, training=True)
+
+
+@pytest.fixture(autouse=True)
+def every_onednn_part(monkeypatch):
+    """Every part of the oneDNN path on, whatever this CPU's policy, so that each is tested on every machine."""
+    monkeypatch.setattr(modeling_vit_registers, "onednn_policy", lambda: EVERY_PART)
 
 
 def count_onednn_calls(monkeypatch) -> list[int]:
@@ -250,3 +257,61 @@ def test_compiled_inference_with_inductor_matches_eager_without_layerscale():
         compiled = torch.compile(model, fullgraph=True)
         torch.testing.assert_close(compiled(pixels).last_hidden_state, expected, atol=TOLERANCE, rtol=0)
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize(
+    ("capability", "expected"),
+    [
+        ("AVX512", EVERY_PART),
+        ("AVX2", OneDNNPolicy(inference=True, fused_activation=False, training=False)),
+        ("DEFAULT", OneDNNPolicy(inference=False, fused_activation=False, training=False)),
+        ("SVE256", OneDNNPolicy(inference=False, fused_activation=False, training=False)),
+    ],
+)
+def test_policy_follows_the_cpu_capability(capability, expected, monkeypatch):
+    monkeypatch.undo()  # the real policy function, not the fixture's
+    monkeypatch.setattr(modeling_vit_registers, "_CPU_CAPABILITY", capability)
+    assert modeling_vit_registers.onednn_policy() == expected
+
+
+def record_products(monkeypatch) -> list[str]:
+    """The post-op of every oneDNN product (`onednn_linear` calls), in call order."""
+    post_ops = []
+    original = modeling_vit_registers.onednn_linear
+
+    def recording(inputs, linear, post_op="none", algorithm=""):
+        post_ops.append(post_op)
+        return original(inputs, linear, post_op, algorithm)
+
+    monkeypatch.setattr(modeling_vit_registers, "onednn_linear", recording)
+    return post_ops
+
+
+@pytest.mark.parametrize(
+    "policy",
+    [OneDNNPolicy(True, False, False), OneDNNPolicy(False, False, False), OneDNNPolicy(True, True, False)],
+    ids=["products-only", "off", "no-training"],
+)
+def test_each_policy_uses_only_its_parts_and_keeps_the_outputs(policy, monkeypatch):
+    model = tiny_model(ViTRegistersForImageClassification, num_labels=5, pooling="cls_mean")
+    pixels, labels = torch.randn(2, 3, 28, 42), torch.tensor([1, 4])
+    with torch.no_grad():
+        regular = model(pixels).logits  # every part on (the fixture's policy)
+    monkeypatch.setattr(modeling_vit_registers, "onednn_policy", lambda: policy)
+    calls = count_onednn_calls(monkeypatch)
+    post_ops = record_products(monkeypatch)
+    with torch.no_grad():
+        logits = model(pixels).logits
+    layers = model.config.num_hidden_layers
+    assert calls[0] == (layers if policy.inference else 0)
+    # fc1 carries the GELU post-op only where the policy fuses it; the other products never do
+    fused = [op for op in post_ops if op != "none"]
+    assert fused == (["gelu"] * layers if policy.inference and policy.fused_activation else [])
+    assert len(post_ops) == (4 * layers if policy.inference else 0)  # qkv, proj, fc1, fc2 (LayerScale on)
+    torch.testing.assert_close(logits, regular, atol=TOLERANCE, rtol=0)
+
+    model.train()
+    calls[0] = 0
+    model(pixels, labels=labels).loss.backward()
+    assert calls[0] == (layers if policy.training else 0)
+    assert model.vit_registers.encoder.layer[0].mlp.fc1.weight.grad is not None

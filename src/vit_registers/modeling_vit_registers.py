@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -295,9 +296,38 @@ class ViTRegistersDropPath(nn.Module):
 # Used only where it changes nothing but speed: float32 on the CPU, no autocast, no hooks or replaced forwards on the
 # block's modules, plain `nn.Linear` weights, not in compiled training, export or tracing (plain ATen graphs there),
 # and `torch.backends.mkldnn.enabled`. oneDNN sums the products in another order than MKL, so results differ from the
-# plain path by float32 rounding only (tests compare every token and every gradient).
+# plain path by float32 rounding only (tests compare every token and every gradient). Which parts are used depends on
+# the CPU's vector instructions (`onednn_policy`): each is on only where it was measured faster than the plain path.
 # ----------------------------------------------------------------------------------------------------------------------
 _ONEDNN_LINEAR = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
+
+
+class OneDNNPolicy(NamedTuple):
+    """Which parts of the oneDNN path a block uses."""
+
+    inference: bool  # products without gradients (bias, and without LayerScale the residual, in the epilogue)
+    fused_activation: bool  # the MLP activation in fc1's epilogue too (without gradients)
+    training: bool  # products with gradients (`_OneDNNLinearFunction`)
+
+
+# by ATen's CPU capability (`torch.backends.cpu.get_cpu_capability()`), from ViT-S/B/14 forward and training steps
+# against the plain path on 2-core EPYC VMs (benchmarks/, README): AVX-512 (Zen 4) gains in all three; AVX2 (Zen 3)
+# gains in products at batch 8 and 518² but loses 10-15 % on fc1 with oneDNN's GELU epilogue and ~5 % on a training
+# step, so there the activation runs after the product and training keeps the plain path. Elsewhere (unmeasured CPUs,
+# ARM) the plain path.
+_ONEDNN_POLICIES = {
+    "AVX512": OneDNNPolicy(inference=True, fused_activation=True, training=True),
+    "AVX2": OneDNNPolicy(inference=True, fused_activation=False, training=False),
+}
+_NO_ONEDNN = OneDNNPolicy(inference=False, fused_activation=False, training=False)
+_CPU_CAPABILITY = torch.backends.cpu.get_cpu_capability()
+
+
+def onednn_policy() -> OneDNNPolicy:
+    """The parts of the oneDNN path used on this CPU (see `_ONEDNN_POLICIES`); none without PyTorch's oneDNN op."""
+    if _ONEDNN_LINEAR is None:
+        return _NO_ONEDNN
+    return _ONEDNN_POLICIES.get(_CPU_CAPABILITY, _NO_ONEDNN)
 # config.hidden_act -> (oneDNN post-op, algorithm); other activations run after an unfused product
 _ONEDNN_ACTIVATIONS = {
     "gelu": ("gelu", "none"),
@@ -397,6 +427,9 @@ def _onednn_path_available(hidden_states: torch.Tensor) -> bool:
     """Whether a block may take the oneDNN path for `hidden_states` (the conditions that do not depend on the block)."""
     if _ONEDNN_LINEAR is None or not torch.backends.mkldnn.enabled:
         return False
+    policy = onednn_policy()
+    if not (policy.training if torch.is_grad_enabled() else policy.inference):
+        return False
     if hidden_states.device.type != "cpu" or hidden_states.dtype != torch.float32:
         return False
     if torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_exporting():
@@ -455,7 +488,7 @@ class ViTRegistersMLP(nn.Module):
         `onednn` (the block's oneDNN path): fc1 as a oneDNN product, without gradients with the activation in its
         epilogue.
         """
-        fuse = onednn and not self.swiglu and not torch.is_grad_enabled()
+        fuse = onednn and not self.swiglu and not torch.is_grad_enabled() and onednn_policy().fused_activation
         post_op = _ONEDNN_ACTIVATIONS.get(self.activation_name) if fuse else None
         if post_op is not None:
             hidden = onednn_linear(hidden_states, self.fc1, *post_op)
