@@ -66,7 +66,10 @@ def regular_and_onednn(model, pixels, **kwargs):
     ],
     ids=["layerscale", "no-layerscale", "no-qkv-bias", "swiglu", "gelu-tanh", "relu", "silu", "quick-gelu", "gap"],
 )
-def test_fused_path_matches_regular_path_on_every_token(overrides, monkeypatch):
+@pytest.mark.parametrize("fused_activation", [True, False], ids=["activation-fused", "activation-in-place"])
+def test_fused_path_matches_regular_path_on_every_token(overrides, fused_activation, monkeypatch):
+    policy = OneDNNPolicy(inference=True, fused_activation=fused_activation, training=True)
+    monkeypatch.setattr(modeling_vit_registers, "onednn_policy", lambda: policy)
     model = tiny_model(num_register_tokens=overrides.pop("num_register_tokens", 4), **overrides)
     calls = count_onednn_calls(monkeypatch)
     pixels = torch.randn(2, 3, 28, 42)

@@ -336,6 +336,14 @@ _ONEDNN_ACTIVATIONS = {
     "silu": ("swish", ""),
     "swish": ("swish", ""),
 }
+# config.hidden_act -> the same activation in place (where the policy leaves it out of the epilogue)
+_INPLACE_ACTIVATIONS = {
+    "gelu": lambda hidden: torch.ops.aten.gelu_(hidden),
+    "gelu_pytorch_tanh": lambda hidden: torch.ops.aten.gelu_(hidden, approximate="tanh"),
+    "relu": torch.relu_,
+    "silu": lambda hidden: F.silu(hidden, inplace=True),
+    "swish": lambda hidden: F.silu(hidden, inplace=True),
+}
 
 
 class _OneDNNLinearFunction(torch.autograd.Function):
@@ -485,13 +493,17 @@ class ViTRegistersMLP(nn.Module):
     def hidden_activations(self, hidden_states: torch.Tensor, onednn: bool = False) -> torch.Tensor:
         """The MLP hidden units after the activation (for SwiGLU: the gated product); test-time edit applied.
 
-        `onednn` (the block's oneDNN path): fc1 as a oneDNN product, without gradients with the activation in its
-        epilogue.
+        `onednn` (the block's oneDNN path): fc1 as a oneDNN product; without gradients the activation joins the
+        product's epilogue where `onednn_policy` fuses it, and otherwise runs in place on the product's output, so
+        only one `(tokens, mlp_hidden_size)` tensor is alive either way.
         """
-        fuse = onednn and not self.swiglu and not torch.is_grad_enabled() and onednn_policy().fused_activation
-        post_op = _ONEDNN_ACTIVATIONS.get(self.activation_name) if fuse else None
+        scratch = onednn and not self.swiglu and not torch.is_grad_enabled()  # fc1's output is ours to overwrite
+        post_op = _ONEDNN_ACTIVATIONS.get(self.activation_name) if scratch and onednn_policy().fused_activation else None
+        in_place = _INPLACE_ACTIVATIONS.get(self.activation_name) if scratch else None
         if post_op is not None:
             hidden = onednn_linear(hidden_states, self.fc1, *post_op)
+        elif in_place is not None:
+            hidden = in_place(onednn_linear(hidden_states, self.fc1))
         else:
             hidden = _project(hidden_states, self.fc1, onednn)
             if self.swiglu:
