@@ -202,6 +202,19 @@ def test_regular_path_wherever_the_onednn_one_could_change_behaviour(monkeypatch
     assert seen == [(1, 1 + 4 + 4, 64)]
     assert calls[0] == model.config.num_hidden_layers - 1  # the two other blocks keep the oneDNN path
 
+    # a replaced activation module (a kernel, a different function) is respected: that block goes the regular way
+    mlp = model.encoder.layer[2].mlp
+    mlp.activation = torch.nn.Tanh()
+    with torch.no_grad():
+        replaced = model(pixels).last_hidden_state
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(modeling_vit_registers, "_onednn_path_available", lambda hidden_states: False)
+            expected = model(pixels).last_hidden_state
+    torch.testing.assert_close(replaced, expected, atol=TOLERANCE, rtol=0)
+    assert calls[0] == 2 * model.config.num_hidden_layers - 2
+    mlp.activation = modeling_vit_registers.ACT2FN[model.config.hidden_act]
+    calls[0] = model.config.num_hidden_layers - 1
+
     # a replaced forward (as accelerate's offloading hooks do) is respected too
     attention = model.encoder.layer[0].attention
     attention.forward = lambda *a, original=attention.forward, **k: original(*a, **k)
@@ -252,7 +265,10 @@ def test_compiled_inference_keeps_the_onednn_products_as_opaque_ops():
     torch._dynamo.reset()
 
 
-def test_compiled_inference_with_inductor_matches_eager_without_layerscale():
+@pytest.mark.parametrize("fused_activation", [True, False], ids=["activation-fused", "activation-in-place"])
+def test_compiled_inference_with_inductor_matches_eager_without_layerscale(fused_activation, monkeypatch):
+    policy = OneDNNPolicy(inference=True, fused_activation=fused_activation, training=True)
+    monkeypatch.setattr(modeling_vit_registers, "onednn_policy", lambda: policy)
     model = tiny_model(layerscale_value=None)  # the residual joins the product: the opaque linear_add op
     pixels = torch.randn(1, 3, 28, 28)
     with torch.no_grad():
@@ -316,5 +332,9 @@ def test_each_policy_uses_only_its_parts_and_keeps_the_outputs(policy, monkeypat
     model.train()
     calls[0] = 0
     model(pixels, labels=labels).loss.backward()
+    assert calls[0] == (layers if policy.training else 0)
+    calls[0] = 0
+    with torch.no_grad():  # train mode without gradients (a reentrant checkpoint's first pass) counts as training
+        model(pixels)
     assert calls[0] == (layers if policy.training else 0)
     assert model.vit_registers.encoder.layer[0].mlp.fc1.weight.grad is not None

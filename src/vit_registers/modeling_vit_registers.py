@@ -297,7 +297,8 @@ class ViTRegistersDropPath(nn.Module):
 # block's modules, plain `nn.Linear` weights, not in compiled training, export or tracing (plain ATen graphs there),
 # and `torch.backends.mkldnn.enabled`. oneDNN sums the products in another order than MKL, so results differ from the
 # plain path by float32 rounding only (tests compare every token and every gradient). Which parts are used depends on
-# the CPU's vector instructions (`onednn_policy`): each is on only where it was measured faster than the plain path.
+# the CPU's vector instructions (`onednn_policy`): each is on only for the instruction sets where it was measured faster
+# than the plain path.
 # ----------------------------------------------------------------------------------------------------------------------
 _ONEDNN_LINEAR = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
 
@@ -311,10 +312,10 @@ class OneDNNPolicy(NamedTuple):
 
 
 # by ATen's CPU capability (`torch.backends.cpu.get_cpu_capability()`), from ViT-S/B/14 forward and training steps
-# against the plain path on 2-core EPYC VMs (benchmarks/, README): AVX-512 (Zen 4) gains in all three; AVX2 (Zen 3)
-# gains in products at batch 8 and 518² but loses 10-15 % on fc1 with oneDNN's GELU epilogue and ~5 % on a training
-# step, so there the activation runs after the product and training keeps the plain path. Elsewhere (unmeasured CPUs,
-# ARM) the plain path.
+# against the plain path on 2-core EPYC VMs (benchmarks/, README). AVX-512 (measured on Zen 4; applied to every CPU
+# with AVX-512, Intel's included): gains in all three. AVX2 (measured on Zen 3): gains in products at batch 8 and 518²
+# but loses 10-15 % on fc1 with oneDNN's GELU epilogue and ~5 % on a training step, so there the activation runs after
+# the product and training keeps the plain path. Other instruction sets (ARM, older x86): the plain path.
 _ONEDNN_POLICIES = {
     "AVX512": OneDNNPolicy(inference=True, fused_activation=True, training=True),
     "AVX2": OneDNNPolicy(inference=True, fused_activation=False, training=False),
@@ -328,6 +329,8 @@ def onednn_policy() -> OneDNNPolicy:
     if _ONEDNN_LINEAR is None:
         return _NO_ONEDNN
     return _ONEDNN_POLICIES.get(_CPU_CAPABILITY, _NO_ONEDNN)
+
+
 # config.hidden_act -> (oneDNN post-op, algorithm); other activations run after an unfused product
 _ONEDNN_ACTIVATIONS = {
     "gelu": ("gelu", "none"),
@@ -435,9 +438,6 @@ def _onednn_path_available(hidden_states: torch.Tensor) -> bool:
     """Whether a block may take the oneDNN path for `hidden_states` (the conditions that do not depend on the block)."""
     if _ONEDNN_LINEAR is None or not torch.backends.mkldnn.enabled:
         return False
-    policy = onednn_policy()
-    if not (policy.training if torch.is_grad_enabled() else policy.inference):
-        return False
     if hidden_states.device.type != "cpu" or hidden_states.dtype != torch.float32:
         return False
     if torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_exporting():
@@ -479,6 +479,7 @@ class ViTRegistersMLP(nn.Module):
         self.fc2 = nn.Linear(hidden, config.hidden_size)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
         self.activation_name = config.hidden_act
+        self.activation_type = type(self.activation)  # the oneDNN path steps aside if `activation` is replaced
         self.register_neurons: tuple[int, ...] = ()
         self.num_test_time_registers = 0
         self.set_register_neurons(config.test_time_registers, layer_index)
@@ -563,6 +564,13 @@ class ViTRegistersLayer(GradientCheckpointingLayer):
         `nn.Linear` weights, and nothing (hooks, replaced forwards, adapters) expecting the regular submodule calls."""
         if not _onednn_path_available(hidden_states):
             return False
+        policy = onednn_policy()
+        # train mode counts as training also without gradients (a reentrant checkpoint's first pass), so that the
+        # forward and its recomputation take the same path
+        if not (policy.training if self.training or torch.is_grad_enabled() else policy.inference):
+            return False
+        if type(self.mlp.activation) is not self.mlp.activation_type:
+            return False  # a replaced activation module: the oneDNN path would pick the activation by name
         for name, module in self.named_modules():
             if name and (module._forward_hooks or module._forward_pre_hooks or "forward" in module.__dict__):
                 return False
