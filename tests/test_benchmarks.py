@@ -17,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `benchmarks` liv
 from benchmarks import attention, forward, interventions, training  # noqa: E402
 from benchmarks.common import (  # noqa: E402
     IMPLEMENTATIONS,
+    PREPACKED,
     OURS,
     ParityError,
     build_implementations,
@@ -174,9 +175,18 @@ def test_smoke_of_in_process_sections(tmp_path, capsys):
         assert min(paired) <= row["ratio_quartiles"][0] <= row["ratio_quartiles"][1] <= max(paired)
         assert row["ratio_of_medians"] == pytest.approx(row["median_s"] / rows[OURS]["median_s"])
     assert set(result["sections"]["forward"]["parity_max_abs_diff"]["tiny@28"]) == set(IMPLEMENTATIONS) - {OURS}
-    (best,) = result["sections"]["forward"]["best_peer"]  # the goal of issue 3 is stated against the best peer
-    assert best["ratio"] == min(r["ratio_ours_over_this"] for n, r in rows.items() if n != OURS)
+    # the goal of issue 3 is stated against the best peer, for the plain model and (opt-in) with prepacked weights
+    best, prepacked = result["sections"]["forward"]["best_peer"]
+    peers = {n: r for n, r in rows.items() if n not in (OURS, PREPACKED)}
+    assert best["implementation"] == OURS and prepacked["implementation"] == PREPACKED
+    assert best["ratio"] == min(r["ratio_ours_over_this"] for r in peers.values())
     assert rows[best["best_peer"]]["ratio_ours_over_this"] == best["ratio"] and "Against the best peer" in printed
+    against_prepacked = {
+        n: statistics.median(a / b for a, b in zip(r["times_s"], rows[PREPACKED]["times_s"])) for n, r in peers.items()
+    }
+    assert prepacked["best_peer"] == min(against_prepacked, key=against_prepacked.get)
+    assert prepacked["ratio"] == pytest.approx(min(against_prepacked.values()))
+    assert f"{PREPACKED} against the best peer" in printed
     registers = result["sections"]["registers"]["rows"]
     assert [r["registers"] for r in registers] == [0, 1, 4, 16]
     assert all(r["images_per_s"] > 0 for r in registers) and registers[0]["throughput_vs_0"] == 1.0

@@ -7,6 +7,9 @@ forwards, other dtypes, autocast, oneDNN switched off.
 
 from __future__ import annotations
 
+import copy
+import gc
+
 import pytest
 import torch
 
@@ -338,3 +341,139 @@ def test_each_policy_uses_only_its_parts_and_keeps_the_outputs(policy, monkeypat
         model(pixels)
     assert calls[0] == (layers if policy.training else 0)
     assert model.vit_registers.encoder.layer[0].mlp.fc1.weight.grad is not None
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Prepacked weights (`prepack_weights`)
+# ----------------------------------------------------------------------------------------------------------------------
+def block_linears(model) -> list[torch.nn.Linear]:
+    return [
+        linear for layer in model.modules() if isinstance(layer, ViTRegistersLayer)
+        for linear in (layer.attention.qkv, layer.attention.proj, layer.mlp.fc1, layer.mlp.fc2)
+    ]
+
+
+def record_weights(monkeypatch) -> list[bool]:
+    """For every oneDNN product without gradients, whether its weight was a packed (opaque oneDNN) tensor."""
+    packed = []
+    original = modeling_vit_registers._ONEDNN_LINEAR
+
+    class Recording:
+        def __call__(self, inputs, weight, *args):
+            packed.append(weight.is_mkldnn)
+            return original(inputs, weight, *args)
+
+        def binary(self, inputs, other, weight, *args):
+            packed.append(weight.is_mkldnn)
+            return original.binary(inputs, other, weight, *args)
+
+    monkeypatch.setattr(modeling_vit_registers, "_ONEDNN_LINEAR", Recording())
+    return packed
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [dict(), dict(layerscale_value=None), dict(mlp_type="swiglu"), dict(hidden_act="quick_gelu")],
+    ids=["layerscale", "residual-in-epilogue", "swiglu", "activation-after-product"],
+)
+@pytest.mark.parametrize("fused_activation", [True, False], ids=["activation-fused", "activation-in-place"])
+def test_prepacked_weights_give_the_plain_outputs_on_every_token(overrides, fused_activation, monkeypatch):
+    policy = OneDNNPolicy(inference=True, fused_activation=fused_activation, training=True)
+    monkeypatch.setattr(modeling_vit_registers, "onednn_policy", lambda: policy)
+    model = tiny_model(**overrides)
+    pixels = torch.randn(2, 3, 28, 42)
+    regular, plain = regular_and_onednn(model, pixels, output_hidden_states=True)
+    assert model.prepack_weights() == 4 * model.config.num_hidden_layers
+    weights = record_weights(monkeypatch)
+    with torch.inference_mode():
+        packed = model(pixels, output_hidden_states=True)
+    assert weights and all(weights)  # every product read its packed weight
+    assert len(weights) == 4 * model.config.num_hidden_layers
+    for expected in (plain, regular):
+        torch.testing.assert_close(packed.last_hidden_state, expected.last_hidden_state, atol=TOLERANCE, rtol=0)
+        torch.testing.assert_close(packed.register_tokens, expected.register_tokens, atol=TOLERANCE, rtol=0)
+        for got, want in zip(packed.hidden_states, expected.hidden_states, strict=True):
+            torch.testing.assert_close(got, want, atol=TOLERANCE, rtol=0)
+
+
+def test_prepacked_weights_follow_weight_changes(monkeypatch):
+    """A pack never outlives its weight: in-place updates, optimizer steps, load_state_dict and replaced tensors are
+    each seen on the next forward pass, whose outputs match the plain path of the updated model."""
+    model = tiny_model(ViTRegistersForImageClassification, num_labels=5)
+    pixels, labels = torch.randn(2, 3, 28, 42), torch.tensor([1, 4])
+    model.prepack_weights()
+    first = model.vit_registers.encoder.layer[0]
+
+    def check():
+        regular, packed = regular_and_onednn(model, pixels)
+        torch.testing.assert_close(packed.logits, regular.logits, atol=TOLERANCE, rtol=0)
+        return packed.logits
+
+    before = check()
+    with torch.no_grad():
+        first.mlp.fc1.weight.mul_(-1.0)  # in place: bumps the version counter
+    assert not torch.allclose(check(), before, atol=1e-3)
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model.train()
+    model(pixels, labels=labels).loss.backward()  # gradients take the plain weights
+    optimizer.step()
+    model.eval()
+    after_step = check()
+
+    other = tiny_model(ViTRegistersForImageClassification, seed=1, num_labels=5)
+    model.load_state_dict(other.state_dict())
+    torch.testing.assert_close(check(), other(pixels).logits, atol=TOLERANCE, rtol=0)
+    assert not torch.allclose(after_step, other(pixels).logits, atol=1e-3)
+
+    first.attention.qkv.weight = torch.nn.Parameter(torch.randn_like(first.attention.qkv.weight))  # a new tensor
+    check()
+
+
+def test_prepack_weights_off_copies_and_saving(tmp_path, monkeypatch):
+    model = tiny_model()
+    linears = block_linears(model)
+    assert model.prepack_weights() == len(linears)
+    assert all(linear in modeling_vit_registers._PACKED_WEIGHTS for linear in linears)
+    pixels = torch.randn(1, 3, 28, 28)
+    with torch.no_grad():
+        expected = model(pixels).last_hidden_state
+    # the packs stay outside the module: state dict, save/load and deep copies see only the plain weights
+    assert set(model.state_dict()) == set(tiny_model().state_dict())
+    model.save_pretrained(tmp_path)
+    reloaded = ViTRegistersModel.from_pretrained(tmp_path)
+    clone = copy.deepcopy(model)
+    for other in (reloaded, clone):
+        assert not any(linear in modeling_vit_registers._PACKED_WEIGHTS for linear in block_linears(other))
+        with torch.no_grad():
+            torch.testing.assert_close(other(pixels).last_hidden_state, expected, atol=TOLERANCE, rtol=0)
+
+    assert model.prepack_weights(enable=False) == 0
+    assert not any(linear in modeling_vit_registers._PACKED_WEIGHTS for linear in linears)
+    weights = record_weights(monkeypatch)
+    with torch.no_grad():
+        model(pixels)
+    assert weights and not any(weights)
+
+    model.prepack_weights()
+    count = len(modeling_vit_registers._PACKED_WEIGHTS)
+    del model, linears
+    gc.collect()
+    assert len(modeling_vit_registers._PACKED_WEIGHTS) == count - len(block_linears(clone))  # dropped with the model
+
+
+@pytest.mark.parametrize(
+    "policy", [OneDNNPolicy(False, False, False), OneDNNPolicy(False, False, True)], ids=["off", "training-only"]
+)
+def test_prepack_weights_is_a_no_op_where_onednn_inference_is_off(policy, monkeypatch):
+    monkeypatch.setattr(modeling_vit_registers, "onednn_policy", lambda: policy)
+    model = tiny_model()
+    assert model.prepack_weights() == 0
+    assert not any(linear in modeling_vit_registers._PACKED_WEIGHTS for linear in block_linears(model))
+
+
+def test_prepack_weights_leaves_other_dtypes_to_the_plain_path():
+    model = tiny_model().to(torch.float64)
+    assert model.prepack_weights() == 0
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 28, 28, dtype=torch.float64)).last_hidden_state.dtype == torch.float64

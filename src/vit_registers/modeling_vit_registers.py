@@ -11,6 +11,7 @@ package: it may import only torch, transformers, the standard library and its si
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -411,6 +412,37 @@ def _opaque_onednn_ops():
 _COMPILED_LINEAR, _COMPILED_LINEAR_ADD = _opaque_onednn_ops()
 
 
+# Prepacked weights (opt-in: `ViTRegistersPreTrainedModel.prepack_weights`). Given a plain (out, in) weight, oneDNN
+# reorders it into its blocked layout on every product; a copy packed once per `nn.Linear` skips that, at the cost of
+# a second copy of the block weights. The pack records the weight it was made from (address, version counter, shape,
+# dtype) and is remade when that changes: in-place updates (optimizer steps, `load_state_dict`) bump the version
+# counter, replaced tensors change the address. Writes through `.data` bypass the version counter: call
+# `prepack_weights()` again after those. Packs are only read by products without gradients outside torch.compile.
+_REORDER_WEIGHT = getattr(getattr(torch.ops, "mkldnn", None), "_reorder_linear_weight", None)
+_PACKED_WEIGHTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # nn.Linear -> (weight key, packed weight)
+
+
+def _weight_key(weight: torch.Tensor) -> tuple:
+    return weight.data_ptr(), weight._version, tuple(weight.shape), weight.dtype
+
+
+def _pack(linear: nn.Linear) -> torch.Tensor:
+    with torch.no_grad():
+        packed = _REORDER_WEIGHT(linear.weight.detach(), None)
+    _PACKED_WEIGHTS[linear] = (_weight_key(linear.weight), packed)
+    return packed
+
+
+def _inference_weight(linear: nn.Linear) -> torch.Tensor:
+    """The weight for a oneDNN product without gradients: the packed copy where `linear` has one (remade if the
+    weight changed since), else the plain weight."""
+    entry = _PACKED_WEIGHTS.get(linear)
+    if entry is None:
+        return linear.weight
+    key, packed = entry
+    return packed if key == _weight_key(linear.weight) else _pack(linear)
+
+
 def onednn_linear(inputs: torch.Tensor, linear: nn.Linear, post_op: str = "none", algorithm: str = "") -> torch.Tensor:
     """`post_op(linear(inputs))` as one oneDNN product; with gradients enabled only `post_op="none"` (differentiable)."""
     if torch.is_grad_enabled():
@@ -419,14 +451,14 @@ def onednn_linear(inputs: torch.Tensor, linear: nn.Linear, post_op: str = "none"
         return _OneDNNLinearFunction.apply(inputs, linear.weight, linear.bias)
     if torch.compiler.is_compiling():
         return _COMPILED_LINEAR(inputs, linear.weight, linear.bias, post_op, algorithm)
-    return _ONEDNN_LINEAR(inputs, linear.weight, linear.bias, post_op, [], algorithm)
+    return _ONEDNN_LINEAR(inputs, _inference_weight(linear), linear.bias, post_op, [], algorithm)
 
 
 def onednn_linear_add(inputs: torch.Tensor, residual: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
     """`residual + linear(inputs)` as one oneDNN product, the residual added in its epilogue (no gradients)."""
     if torch.compiler.is_compiling():
         return _COMPILED_LINEAR_ADD(inputs, residual, linear.weight, linear.bias)
-    return _ONEDNN_LINEAR.binary(inputs, residual, linear.weight, linear.bias, "add")
+    return _ONEDNN_LINEAR.binary(inputs, residual, _inference_weight(linear), linear.bias, "add")
 
 
 def _project(inputs: torch.Tensor, linear: nn.Linear, onednn: bool) -> torch.Tensor:
@@ -679,6 +711,33 @@ class ViTRegistersPreTrainedModel(PreTrainedModel):
                 init.zeros_(module.mask_token)
         elif isinstance(module, ViTRegistersLayerScale):
             init.constant_(module.gamma, self.config.layerscale_value)
+
+    def prepack_weights(self, enable: bool = True) -> int:
+        """Keep each block's matrix-product weights also in oneDNN's packed layout for CPU inference.
+
+        Faster products without gradients on CPUs whose `onednn_policy()` uses oneDNN for inference (oneDNN then
+        skips reordering the weight on every call; README, benchmarks) for a second copy of the block weights in
+        memory. Gradients, torch.compile and other devices keep using the plain weights. A weight that changes in
+        place or is replaced is packed again on its next use; after writes through `.data` call this again.
+        `enable=False` drops the packs. Returns the number of weights packed (0 where oneDNN inference is off).
+        """
+        linears = [
+            linear
+            for layer in self.modules() if isinstance(layer, ViTRegistersLayer)
+            for linear in (layer.attention.qkv, layer.attention.proj, layer.mlp.fc1, layer.mlp.fc2)
+        ]
+        for linear in linears:
+            _PACKED_WEIGHTS.pop(linear, None)
+        if not enable or _REORDER_WEIGHT is None or not onednn_policy().inference:
+            return 0
+        packable = [
+            linear for linear in linears
+            if type(linear) is nn.Linear and type(linear.weight) in (nn.Parameter, torch.Tensor)
+            and linear.weight.dtype == torch.float32 and linear.weight.device.type == "cpu"
+        ]
+        for linear in packable:
+            _pack(linear)
+        return len(packable)
 
 
 class ViTRegistersModel(ViTRegistersPreTrainedModel):
