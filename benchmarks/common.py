@@ -359,7 +359,10 @@ def onednn_text() -> str:
     else:
         activation = "activation fused" if policy.fused_activation else "activation after the product"
         training = "training too" if policy.training else "plain products in training"
-        parts = f"inference products, {activation}, {training}"
+        products = "inference products"
+        if policy.min_inference_work:
+            products += f" (plain below {policy.min_inference_work} block input elements unless prepacked)"
+        parts = f"{products}, {activation}, {training}"
     return f"oneDNN path: {parts}"
 
 
@@ -403,12 +406,11 @@ def markdown_table(headers: list[str], rows: list[list], align: str | None = Non
 
 def ratio_against(peer: dict, reference: dict) -> tuple[float | None, tuple[float, float] | None]:
     """`(ratio, quartiles)` of `peer` over `reference` (> 1: `reference` is better): the median of per-round time ratios
-    where both rows carry their rounds (`times_s`), else the ratio of their inference memory."""
+    where both rows carry their rounds (`times_s`); `(None, None)` for other rows (memory: a variant's cost is in its
+    peak RSS, which the table shows against the plain model)."""
     if peer.get("times_s") and reference.get("times_s"):
         ratios = paired_ratios(peer["times_s"], reference["times_s"])
         return statistics.median(ratios), quartiles(ratios)
-    if peer.get("inference_mb") is not None and reference.get("inference_mb"):
-        return peer["inference_mb"] / reference["inference_mb"], None
     return None, None
 
 

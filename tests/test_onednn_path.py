@@ -285,7 +285,7 @@ def test_compiled_inference_with_inductor_matches_eager_without_layerscale(fused
     ("capability", "expected"),
     [
         ("AVX512", EVERY_PART),
-        ("AVX2", OneDNNPolicy(inference=True, fused_activation=False, training=False)),
+        ("AVX2", OneDNNPolicy(inference=True, fused_activation=False, training=False, min_inference_work=196608)),
         ("DEFAULT", OneDNNPolicy(inference=False, fused_activation=False, training=False)),
         ("SVE256", OneDNNPolicy(inference=False, fused_activation=False, training=False)),
     ],
@@ -301,9 +301,9 @@ def record_products(monkeypatch) -> list[str]:
     post_ops = []
     original = modeling_vit_registers.onednn_linear
 
-    def recording(inputs, linear, post_op="none", algorithm=""):
+    def recording(inputs, linear, post_op="none", algorithm="", **kwargs):
         post_ops.append(post_op)
-        return original(inputs, linear, post_op, algorithm)
+        return original(inputs, linear, post_op, algorithm, **kwargs)
 
     monkeypatch.setattr(modeling_vit_registers, "onednn_linear", recording)
     return post_ops
@@ -477,3 +477,34 @@ def test_prepack_weights_leaves_other_dtypes_to_the_plain_path():
     assert model.prepack_weights() == 0
     with torch.no_grad():
         assert model(torch.randn(1, 3, 28, 28, dtype=torch.float64)).last_hidden_state.dtype == torch.float64
+
+
+def test_small_inputs_take_aten_products_unless_the_weights_are_prepacked(monkeypatch):
+    """`min_inference_work`: below it a block keeps its fused path (activation in place, residual and LayerScale in
+    one pass) around ATen's products (oneDNN's per-call weight reorder would cost more than it gains); at and above
+    it, or with prepacked weights, the products are oneDNN's. Outputs agree with the regular path either way."""
+    pixels = {"small": torch.randn(1, 3, 28, 28), "large": torch.randn(4, 3, 28, 28)}
+    for overrides in (dict(), dict(layerscale_value=None)):
+        model = tiny_model(**overrides)
+        tokens = 1 + model.config.num_register_tokens + 4
+        policy = OneDNNPolicy(True, False, False, min_inference_work=2 * tokens * model.config.hidden_size)
+        layers = model.config.num_hidden_layers
+        for size, prepacked, products in (("small", False, 0), ("large", False, 4 * layers), ("small", True, 4 * layers)):
+            model.prepack_weights(prepacked)
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setattr(modeling_vit_registers, "onednn_policy", lambda: policy)
+                calls = count_onednn_calls(patch)
+                in_place, gelu_ = [], torch.ops.aten.gelu_
+                patch.setitem(modeling_vit_registers._INPLACE_ACTIVATIONS, "gelu",
+                              lambda hidden: in_place.append(1) or gelu_(hidden))
+                weights = record_weights(patch)
+                regular, fused = regular_and_onednn(model, pixels[size])
+            assert calls[0] == layers and len(in_place) == layers  # the block's fused path, activation in place
+            assert len(weights) == products  # oneDNN products (none below the threshold without packs)
+            assert all(weight == prepacked for weight in weights)
+            torch.testing.assert_close(fused.last_hidden_state, regular.last_hidden_state, atol=TOLERANCE, rtol=0)
+    monkeypatch.setattr(modeling_vit_registers, "onednn_policy", lambda: policy)
+    model.train()  # the threshold is for inference only: training follows `policy.training` (off here)
+    calls = count_onednn_calls(monkeypatch)
+    model(pixels["large"])
+    assert calls[0] == 0

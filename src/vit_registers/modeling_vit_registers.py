@@ -310,16 +310,22 @@ class OneDNNPolicy(NamedTuple):
     inference: bool  # products without gradients (bias, and without LayerScale the residual, in the epilogue)
     fused_activation: bool  # the MLP activation in fc1's epilogue too (without gradients)
     training: bool  # products with gradients (`_OneDNNLinearFunction`)
+    # oneDNN inference products only for blocks whose input has at least this many elements (token rows × width),
+    # unless the block's weights are prepacked: below it, oneDNN reordering the plain weight on every call costs more
+    # than its kernel gains, so the block takes ATen's products and keeps the rest of its fused path
+    min_inference_work: int = 0
 
 
 # by ATen's CPU capability (`torch.backends.cpu.get_cpu_capability()`), from ViT-S/B/14 forward and training steps
 # against the plain path on 2-core EPYC VMs (benchmarks/, README). AVX-512 (measured on Zen 4; applied to every CPU
 # with AVX-512, Intel's included): gains in all three. AVX2 (measured on Zen 3): gains in products at batch 8 and 518²
 # but loses 10-15 % on fc1 with oneDNN's GELU epilogue and ~5 % on a training step, so there the activation runs after
-# the product and training keeps the plain path. Other instruction sets (ARM, older x86): the plain path.
+# the product and training keeps the plain path; with plain weights, oneDNN products lost to the plain ones at
+# 261 × 384 (S/14 224² b1: the whole forward 4-5 % slower) and won from 261 × 768 (B/14 224² b1) and 522 × 384 up.
+# Other instruction sets (ARM, older x86): the plain path.
 _ONEDNN_POLICIES = {
     "AVX512": OneDNNPolicy(inference=True, fused_activation=True, training=True),
-    "AVX2": OneDNNPolicy(inference=True, fused_activation=False, training=False),
+    "AVX2": OneDNNPolicy(inference=True, fused_activation=False, training=False, min_inference_work=512 * 384),
 }
 _NO_ONEDNN = OneDNNPolicy(inference=False, fused_activation=False, training=False)
 _CPU_CAPABILITY = torch.backends.cpu.get_cpu_capability()
@@ -443,8 +449,15 @@ def _inference_weight(linear: nn.Linear) -> torch.Tensor:
     return packed if key == _weight_key(linear.weight) else _pack(linear)
 
 
-def onednn_linear(inputs: torch.Tensor, linear: nn.Linear, post_op: str = "none", algorithm: str = "") -> torch.Tensor:
-    """`post_op(linear(inputs))` as one oneDNN product; with gradients enabled only `post_op="none"` (differentiable)."""
+def onednn_linear(
+    inputs: torch.Tensor, linear: nn.Linear, post_op: str = "none", algorithm: str = "", plain: bool = False
+) -> torch.Tensor:
+    """`post_op(linear(inputs))` as one oneDNN product; with gradients enabled only `post_op="none"` (differentiable).
+    `plain`: ATen's product instead (`OneDNNPolicy.min_inference_work`), without post-op."""
+    if plain:
+        if post_op != "none":
+            raise ValueError("a plain product has no post-op: apply the activation after it")
+        return F.linear(inputs, linear.weight, linear.bias)
     if torch.is_grad_enabled():
         if post_op != "none":
             raise ValueError("oneDNN post-ops have no gradient: apply the activation after the product")
@@ -454,16 +467,21 @@ def onednn_linear(inputs: torch.Tensor, linear: nn.Linear, post_op: str = "none"
     return _ONEDNN_LINEAR(inputs, _inference_weight(linear), linear.bias, post_op, [], algorithm)
 
 
-def onednn_linear_add(inputs: torch.Tensor, residual: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
-    """`residual + linear(inputs)` as one oneDNN product, the residual added in its epilogue (no gradients)."""
+def onednn_linear_add(
+    inputs: torch.Tensor, residual: torch.Tensor, linear: nn.Linear, plain: bool = False
+) -> torch.Tensor:
+    """`residual + linear(inputs)` as one oneDNN product, the residual added in its epilogue (no gradients).
+    `plain`: ATen's product, then the residual added in place on its output."""
+    if plain:
+        return F.linear(inputs, linear.weight, linear.bias).add_(residual)
     if torch.compiler.is_compiling():
         return _COMPILED_LINEAR_ADD(inputs, residual, linear.weight, linear.bias)
     return _ONEDNN_LINEAR.binary(inputs, residual, _inference_weight(linear), linear.bias, "add")
 
 
-def _project(inputs: torch.Tensor, linear: nn.Linear, onednn: bool) -> torch.Tensor:
-    """`linear(inputs)`, as a oneDNN product on the block's oneDNN path."""
-    return onednn_linear(inputs, linear) if onednn else linear(inputs)
+def _project(inputs: torch.Tensor, linear: nn.Linear, onednn: bool, plain: bool = False) -> torch.Tensor:
+    """`linear(inputs)`, as a oneDNN product on the block's oneDNN path (unless `plain`, see `onednn_linear`)."""
+    return onednn_linear(inputs, linear, plain=plain) if onednn else linear(inputs)
 
 
 def _onednn_path_available(hidden_states: torch.Tensor) -> bool:
@@ -523,22 +541,25 @@ class ViTRegistersMLP(nn.Module):
         self.num_test_time_registers = int((spec or {}).get("num_tokens", 0)) if len(units) else 0
         self.register_neurons = tuple(sorted(int(u) for u in units))
 
-    def hidden_activations(self, hidden_states: torch.Tensor, onednn: bool = False) -> torch.Tensor:
+    def hidden_activations(
+        self, hidden_states: torch.Tensor, onednn: bool = False, plain_products: bool = False
+    ) -> torch.Tensor:
         """The MLP hidden units after the activation (for SwiGLU: the gated product); test-time edit applied.
 
-        `onednn` (the block's oneDNN path): fc1 as a oneDNN product; without gradients the activation joins the
-        product's epilogue where `onednn_policy` fuses it, and otherwise runs in place on the product's output, so
-        only one `(tokens, mlp_hidden_size)` tensor is alive either way.
+        `onednn` (the block's oneDNN path): fc1 as a oneDNN product (ATen's with `plain_products`); without gradients
+        the activation joins the product's epilogue where `onednn_policy` fuses it, and otherwise runs in place on the
+        product's output, so only one `(tokens, mlp_hidden_size)` tensor is alive either way.
         """
         scratch = onednn and not self.swiglu and not torch.is_grad_enabled()  # fc1's output is ours to overwrite
-        post_op = _ONEDNN_ACTIVATIONS.get(self.activation_name) if scratch and onednn_policy().fused_activation else None
+        fuse = scratch and onednn_policy().fused_activation and not plain_products
+        post_op = _ONEDNN_ACTIVATIONS.get(self.activation_name) if fuse else None
         in_place = _INPLACE_ACTIVATIONS.get(self.activation_name) if scratch else None
         if post_op is not None:
             hidden = onednn_linear(hidden_states, self.fc1, *post_op)
         elif in_place is not None:
-            hidden = in_place(onednn_linear(hidden_states, self.fc1))
+            hidden = in_place(onednn_linear(hidden_states, self.fc1, plain=plain_products))
         else:
-            hidden = _project(hidden_states, self.fc1, onednn)
+            hidden = _project(hidden_states, self.fc1, onednn, plain_products)
             if self.swiglu:
                 gate, value = hidden.chunk(2, dim=-1)
                 hidden = self.activation(gate) * value
@@ -619,26 +640,30 @@ class ViTRegistersLayer(GradientCheckpointingLayer):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """`forward` with oneDNN products (the same arithmetic up to float32 rounding). With gradients or in training
         mode the regular composition (dropout, drop path, LayerScale modules) around oneDNN products; otherwise the
-        activation and the residual move into the products' epilogues."""
+        activation and the residual move into the products' epilogues, or, below the policy's `min_inference_work`
+        without prepacked weights, the products are ATen's with the activation and the residual in place after them."""
         if self.training or torch.is_grad_enabled():
             return self.compose(hidden_states, output_attentions, onednn=True)
         attention, mlp = self.attention, self.mlp
-        qkv = onednn_linear(self.norm1(hidden_states), attention.qkv)
+        plain = hidden_states.numel() < onednn_policy().min_inference_work and attention.qkv not in _PACKED_WEIGHTS
+        qkv = onednn_linear(self.norm1(hidden_states), attention.qkv, plain=plain)
         attended, weights = attention.attend(qkv, output_attentions)
         del qkv
-        hidden_states = self._residual(hidden_states, attended.contiguous(), attention.proj, self.layer_scale1)
+        hidden_states = self._residual(hidden_states, attended.contiguous(), attention.proj, self.layer_scale1, plain)
         del attended
-        activations = mlp.hidden_activations(self.norm2(hidden_states), onednn=True)
-        hidden_states = self._residual(hidden_states, activations, mlp.fc2, self.layer_scale2)
+        activations = mlp.hidden_activations(self.norm2(hidden_states), onednn=True, plain_products=plain)
+        hidden_states = self._residual(hidden_states, activations, mlp.fc2, self.layer_scale2, plain)
         return hidden_states, weights
 
     @staticmethod
-    def _residual(residual: torch.Tensor, inputs: torch.Tensor, linear: nn.Linear, layer_scale: nn.Module):
+    def _residual(
+        residual: torch.Tensor, inputs: torch.Tensor, linear: nn.Linear, layer_scale: nn.Module, plain: bool = False
+    ) -> torch.Tensor:
         """`residual + layer_scale(linear(inputs))` (no gradients): one pass after the product with LayerScale, none
-        without it (oneDNN adds the residual in the epilogue)."""
+        without it (oneDNN adds the residual in the epilogue; a `plain` product gets it in place)."""
         if isinstance(layer_scale, ViTRegistersLayerScale):
-            return torch.addcmul(residual, onednn_linear(inputs, linear), layer_scale.gamma)
-        return onednn_linear_add(inputs, residual, linear)
+            return torch.addcmul(residual, onednn_linear(inputs, linear, plain=plain), layer_scale.gamma)
+        return onednn_linear_add(inputs, residual, linear, plain)
 
 
 def resolve_layer_indices(layers: int | Iterable[int] | None, depth: int) -> tuple[int, ...]:
