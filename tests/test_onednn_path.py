@@ -347,10 +347,7 @@ def test_each_policy_uses_only_its_parts_and_keeps_the_outputs(policy, monkeypat
 # Prepacked weights (`prepack_weights`)
 # ----------------------------------------------------------------------------------------------------------------------
 def block_linears(model) -> list[torch.nn.Linear]:
-    return [
-        linear for layer in model.modules() if isinstance(layer, ViTRegistersLayer)
-        for linear in (layer.attention.qkv, layer.attention.proj, layer.mlp.fc1, layer.mlp.fc2)
-    ]
+    return [linear for layer in model.modules() if isinstance(layer, ViTRegistersLayer) for linear in layer.products]
 
 
 def record_weights(monkeypatch) -> list[bool]:

@@ -484,6 +484,16 @@ def _project(inputs: torch.Tensor, linear: nn.Linear, onednn: bool, plain: bool 
     return onednn_linear(inputs, linear, plain=plain) if onednn else linear(inputs)
 
 
+def _plain_float32_cpu_linear(linear: nn.Module) -> bool:
+    """Whether `linear` is a plain `nn.Linear` (no adapter) whose weight is a plain float32 CPU tensor (no DTensor,
+    quantized or other subclass): what the oneDNN path and its packs can take."""
+    if type(linear) is not nn.Linear:
+        return False
+    weight = linear.weight
+    plain_tensor = type(weight) in (nn.Parameter, torch.Tensor)
+    return plain_tensor and weight.dtype == torch.float32 and weight.device.type == "cpu"
+
+
 def _onednn_path_available(hidden_states: torch.Tensor) -> bool:
     """Whether a block may take the oneDNN path for `hidden_states` (the conditions that do not depend on the block)."""
     if _ONEDNN_LINEAR is None or not torch.backends.mkldnn.enabled:
@@ -627,13 +637,13 @@ class ViTRegistersLayer(GradientCheckpointingLayer):
         for name, module in self.named_modules():
             if name and (module._forward_hooks or module._forward_pre_hooks or "forward" in module.__dict__):
                 return False
-        for linear in (self.attention.qkv, self.attention.proj, self.mlp.fc1, self.mlp.fc2):
-            weight = linear.weight
-            if type(linear) is not nn.Linear or weight.dtype != torch.float32 or weight.device.type != "cpu":
-                return False
-            if type(weight) not in (nn.Parameter, torch.Tensor):  # tensor subclasses (DTensor, quantized, ...)
-                return False
-        return True
+        return all(_plain_float32_cpu_linear(linear) for linear in self.products)
+
+    @property
+    def products(self) -> tuple[nn.Module, ...]:
+        """The block's four matrix products (qkv, proj, fc1, fc2): what the oneDNN path runs and `prepack_weights`
+        packs."""
+        return self.attention.qkv, self.attention.proj, self.mlp.fc1, self.mlp.fc2
 
     def onednn_forward(
         self, hidden_states: torch.Tensor, output_attentions: bool = False
@@ -746,20 +756,13 @@ class ViTRegistersPreTrainedModel(PreTrainedModel):
         place or is replaced is packed again on its next use; after writes through `.data` call this again.
         `enable=False` drops the packs. Returns the number of weights packed (0 where oneDNN inference is off).
         """
-        linears = [
-            linear
-            for layer in self.modules() if isinstance(layer, ViTRegistersLayer)
-            for linear in (layer.attention.qkv, layer.attention.proj, layer.mlp.fc1, layer.mlp.fc2)
-        ]
+        layers = [module for module in self.modules() if isinstance(module, ViTRegistersLayer)]
+        linears = [linear for layer in layers for linear in layer.products]
         for linear in linears:
             _PACKED_WEIGHTS.pop(linear, None)
         if not enable or _REORDER_WEIGHT is None or not onednn_policy().inference:
             return 0
-        packable = [
-            linear for linear in linears
-            if type(linear) is nn.Linear and type(linear.weight) in (nn.Parameter, torch.Tensor)
-            and linear.weight.dtype == torch.float32 and linear.weight.device.type == "cpu"
-        ]
+        packable = [linear for linear in linears if _plain_float32_cpu_linear(linear)]
         for linear in packable:
             _pack(linear)
         return len(packable)
