@@ -157,6 +157,61 @@ def test_training_gradients_match_regular_path_on_every_parameter(overrides, mon
         assert (grad - regular_grads[name]).abs().max() / scale < 1e-4, name
 
 
+def record_training_products(monkeypatch) -> list[tuple[bool, bool]]:
+    """For every product of `_OneDNNLinearFunction`: (residual added in its epilogue, weight derived from the
+    parameter, i.e. LayerScale folded in)."""
+    seen = []
+    original = modeling_vit_registers._OneDNNLinearFunction.forward
+
+    def forward(ctx, inputs, weight, bias, residual=None):
+        seen.append((residual is not None, not isinstance(weight, torch.nn.Parameter)))
+        return original(ctx, inputs, weight, bias, residual)
+
+    monkeypatch.setattr(modeling_vit_registers._OneDNNLinearFunction, "forward", staticmethod(forward))
+    return seen
+
+
+@pytest.mark.parametrize(
+    "overrides, train, fused, folded",
+    [
+        (dict(), True, True, True),
+        (dict(), False, True, True),  # eval mode with gradients (saliency, attacks): same shape
+        (dict(layerscale_value=None), True, True, False),
+        (dict(hidden_dropout_prob=0.1), True, False, True),  # dropout between the product and the residual
+        (dict(drop_path_rate=0.2), True, "first block only", True),  # the rate grows from 0 in block 0
+        (dict(drop_path_rate=0.2), False, True, True),  # drop path is off in eval mode
+    ],
+    ids=["layerscale", "eval-with-grad", "no-layerscale", "dropout", "drop-path", "drop-path-eval"],
+)
+def test_training_folds_layerscale_and_fuses_the_residual_where_nothing_stands_between(
+    overrides, train, fused, folded, monkeypatch
+):
+    model = tiny_model(ViTRegistersForImageClassification, num_labels=5, pooling="cls_mean", **overrides).train(train)
+    seen = record_training_products(monkeypatch)
+    pixels, labels = torch.randn(2, 3, 28, 28), torch.tensor([0, 3])
+    torch.manual_seed(1)
+    loss, grads = loss_and_gradients(model, pixels, labels)
+    depth = model.config.num_hidden_layers
+    assert len(seen) == 4 * depth  # qkv, proj, fc1, fc2 per block
+    outputs = [entry for index, entry in enumerate(seen) if index % 4 in (1, 3)]  # proj and fc2
+    inputs = [entry for index, entry in enumerate(seen) if index % 4 in (0, 2)]  # qkv and fc1
+    if fused == "first block only":
+        assert outputs == [(True, folded)] * 2 + [(False, folded)] * 2 * (depth - 1)
+    else:
+        assert outputs == [(fused, folded)] * 2 * depth
+    assert inputs == [(False, False)] * 2 * depth
+    with monkeypatch.context() as patch:
+        patch.setattr(modeling_vit_registers, "_onednn_path_available", lambda hidden_states: False)
+        torch.manual_seed(1)
+        regular_loss, regular_grads = loss_and_gradients(model, pixels, labels)
+    torch.testing.assert_close(loss, regular_loss, atol=1e-5, rtol=0)
+    for name in ("layer_scale1.gamma", "layer_scale2.gamma", "attention.proj.weight", "mlp.fc2.bias"):
+        key = f"vit_registers.encoder.layer.1.{name}"
+        if key in regular_grads:
+            scale = regular_grads[key].abs().max().clamp_min(1e-8)
+            assert (grads[key] - regular_grads[key]).abs().max() / scale < 1e-4, key
+
+
 def test_double_backward_and_gradient_checkpointing_match_regular_path(monkeypatch):
     model = tiny_model(ViTRegistersForImageClassification, num_labels=5)
     model.config._attn_implementation = "eager"  # PyTorch's SDPA kernels have no double backward

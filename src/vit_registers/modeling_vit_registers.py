@@ -228,11 +228,10 @@ class ViTRegistersAttention(nn.Module):
         self.proj_dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(
-        self, hidden_states: torch.Tensor, output_attentions: bool = False, onednn: bool = False
+        self, hidden_states: torch.Tensor, output_attentions: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """`onednn`: the projections as oneDNN products (the block's oneDNN path, see `onednn_linear`)."""
-        output, weights = self.attend(_project(hidden_states, self.qkv, onednn), output_attentions)
-        return self.proj_dropout(_project(output, self.proj, onednn)), weights
+        output, weights = self.attend(self.qkv(hidden_states), output_attentions)
+        return self.proj_dropout(self.proj(output)), weights
 
     def attend(self, qkv: torch.Tensor, output_attentions: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Attention of the fused projection `qkv` `(batch, tokens, 3 * hidden)`: the heads' outputs, merged to
@@ -293,7 +292,8 @@ class ViTRegistersDropPath(nn.Module):
 # with the bias added in the product's epilogue, where `F.linear` first copies the bias into the output and then runs
 # MKL's GEMM; without gradients the MLP activation and (without LayerScale) the residual addition join the epilogue
 # too, saving a pass over memory each. Gradients go through `_OneDNNLinearFunction` (oneDNN forward, the usual products
-# backward); under torch.compile without gradients the products are opaque custom ops and Inductor fuses the rest.
+# backward), with LayerScale folded into the output products' weights and the residual in their epilogue; under
+# torch.compile without gradients the products are opaque custom ops and Inductor fuses the rest.
 # Used only where it changes nothing but speed: float32 on the CPU, no autocast, no hooks or replaced forwards on the
 # block's modules, plain `nn.Linear` weights, not in compiled training, export or tracing (plain ATen graphs there),
 # and `torch.backends.mkldnn.enabled`. oneDNN sums the products in another order than MKL, so results differ from the
@@ -357,14 +357,19 @@ _INPLACE_ACTIVATIONS = {
 
 
 class _OneDNNLinearFunction(torch.autograd.Function):
-    """`F.linear(inputs, weight, bias)` with a oneDNN forward product; backward: `grad @ weight` in oneDNN,
-    `gradᵀ @ inputs` and the bias sum as `F.linear`'s backward does them (differentiable ops under `create_graph`)."""
+    """`F.linear(inputs, weight, bias)`, plus `residual` when given, with a oneDNN forward product (the residual added
+    in its epilogue); backward: `grad @ weight` in oneDNN, `gradᵀ @ inputs` and the bias sum as `F.linear`'s backward
+    does them (differentiable ops under `create_graph`), and the residual's gradient is the output's."""
 
     @staticmethod
-    def forward(ctx, inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def forward(
+        ctx, inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None = None
+    ) -> torch.Tensor:
         ctx.save_for_backward(inputs, weight)
         ctx.has_bias = bias is not None
-        return _ONEDNN_LINEAR(inputs, weight, bias, "none", [], "")
+        if residual is None:
+            return _ONEDNN_LINEAR(inputs, weight, bias, "none", [], "")
+        return _ONEDNN_LINEAR.binary(inputs, residual, weight, bias, "add")
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
@@ -385,7 +390,8 @@ class _OneDNNLinearFunction(torch.autograd.Function):
                 grad_weight = _ONEDNN_LINEAR(grad.t(), flat.t(), None, "none", [], "")
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = grad.sum(0)
-        return grad_inputs, grad_weight, grad_bias
+        grad_residual = grad_output if len(ctx.needs_input_grad) > 3 and ctx.needs_input_grad[3] else None
+        return grad_inputs, grad_weight, grad_bias, grad_residual
 
 
 def _opaque_onednn_ops():
@@ -583,9 +589,9 @@ class ViTRegistersMLP(nn.Module):
             )
         return hidden
 
-    def forward(self, hidden_states: torch.Tensor, onednn: bool = False) -> torch.Tensor:
-        hidden = self.dropout(self.hidden_activations(hidden_states, onednn))
-        return self.dropout(_project(hidden, self.fc2, onednn))
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        hidden = self.dropout(self.hidden_activations(hidden_states))
+        return self.dropout(self.fc2(hidden))
 
 
 class ViTRegistersLayer(GradientCheckpointingLayer):
@@ -612,13 +618,13 @@ class ViTRegistersLayer(GradientCheckpointingLayer):
         return self.compose(hidden_states, output_attentions)
 
     def compose(
-        self, hidden_states: torch.Tensor, output_attentions: bool = False, onednn: bool = False
+        self, hidden_states: torch.Tensor, output_attentions: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The block from its submodules; `onednn`: their matrix products in oneDNN (see `onednn_linear`)."""
-        attended, weights = self.attention(self.norm1(hidden_states), output_attentions, onednn=onednn)
+        """The block from its submodules (the regular path)."""
+        attended, weights = self.attention(self.norm1(hidden_states), output_attentions)
         hidden_states = hidden_states + self.drop_path(self.layer_scale1(attended))
         del attended  # free the attention output before the MLP, where activation memory peaks
-        mlp_output = self.mlp(self.norm2(hidden_states), onednn=onednn)
+        mlp_output = self.mlp(self.norm2(hidden_states))
         hidden_states = hidden_states + self.drop_path(self.layer_scale2(mlp_output))
         return hidden_states, weights
 
@@ -649,11 +655,11 @@ class ViTRegistersLayer(GradientCheckpointingLayer):
         self, hidden_states: torch.Tensor, output_attentions: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """`forward` with oneDNN products (the same arithmetic up to float32 rounding). With gradients or in training
-        mode the regular composition (dropout, drop path, LayerScale modules) around oneDNN products; otherwise the
-        activation and the residual move into the products' epilogues, or, below the policy's `min_inference_work`
-        without prepacked weights, the products are ATen's with the activation and the residual in place after them."""
+        mode see `_onednn_training_forward`; otherwise the activation and the residual move into the products'
+        epilogues, or, below the policy's `min_inference_work` without prepacked weights, the products are ATen's with
+        the activation and the residual in place after them."""
         if self.training or torch.is_grad_enabled():
-            return self.compose(hidden_states, output_attentions, onednn=True)
+            return self._onednn_training_forward(hidden_states, output_attentions)
         attention, mlp = self.attention, self.mlp
         plain = hidden_states.numel() < onednn_policy().min_inference_work and attention.qkv not in _PACKED_WEIGHTS
         qkv = onednn_linear(self.norm1(hidden_states), attention.qkv, plain=plain)
@@ -664,6 +670,42 @@ class ViTRegistersLayer(GradientCheckpointingLayer):
         activations = mlp.hidden_activations(self.norm2(hidden_states), onednn=True, plain_products=plain)
         hidden_states = self._residual(hidden_states, activations, mlp.fc2, self.layer_scale2, plain)
         return hidden_states, weights
+
+    def _onednn_training_forward(
+        self, hidden_states: torch.Tensor, output_attentions: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`onednn_forward` with gradients or in train mode: the regular composition's arithmetic (dropout and drop
+        path drawn in the same order) with oneDNN products, LayerScale folded into the output products' weights
+        (`(γ ⊙ W) x + γ ⊙ b`: weight-sized products in forward and backward instead of activation-sized ones) and the
+        residual added in their epilogue wherever no dropout or drop path stands between them."""
+        attention, mlp = self.attention, self.mlp
+        qkv = onednn_linear(self.norm1(hidden_states), attention.qkv)
+        attended, weights = attention.attend(qkv, output_attentions)
+        del qkv
+        hidden_states = self._training_residual(
+            hidden_states, attended.contiguous(), attention.proj, self.layer_scale1, attention.proj_dropout
+        )
+        del attended  # free the attention output before the MLP, where activation memory peaks
+        activations = mlp.dropout(mlp.hidden_activations(self.norm2(hidden_states), onednn=True))
+        hidden_states = self._training_residual(hidden_states, activations, mlp.fc2, self.layer_scale2, mlp.dropout)
+        return hidden_states, weights
+
+    def _training_residual(
+        self,
+        residual: torch.Tensor,
+        inputs: torch.Tensor,
+        linear: nn.Linear,
+        layer_scale: nn.Module,
+        dropout: nn.Module,
+    ) -> torch.Tensor:
+        """`residual + drop_path(layer_scale(dropout(linear(inputs))))` as one oneDNN product where it can be."""
+        weight, bias = linear.weight, linear.bias
+        if isinstance(layer_scale, ViTRegistersLayerScale):
+            weight = weight * layer_scale.gamma[:, None]
+            bias = None if bias is None else bias * layer_scale.gamma
+        if not self.training or (dropout.p == 0 and not isinstance(self.drop_path, ViTRegistersDropPath)):
+            return _OneDNNLinearFunction.apply(inputs, weight, bias, residual)
+        return residual + self.drop_path(dropout(_OneDNNLinearFunction.apply(inputs, weight, bias)))
 
     @staticmethod
     def _residual(
