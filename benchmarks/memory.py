@@ -1,4 +1,5 @@
-"""Peak memory of inference, and of checkpoint conversion, each measured in a fresh process (issues 3 and 4).
+"""Peak memory of inference, of a training step and of checkpoint conversion, each measured in a fresh process
+(issues 3, 4 and 5).
 
 Method (Linux): every measurement runs in its own fresh process, forked from a multiprocessing "forkserver" that has
 imported torch, timm, transformers and vit_registers but computed nothing (so no worker pays the imports or inherits an
@@ -9,7 +10,9 @@ runs one warm-up forward pass (one-time initialisation is not inference memory),
 the kernel's peak-RSS counter (`echo 5 > /proc/self/clear_refs`), runs one more forward pass under
 `torch.inference_mode()` and reads the peak (VmHWM). `inference` = peak − baseline is the memory the forward pass
 itself needs (activations, attention matrices, workspaces); `peak` adds the weights and the libraries, which are the
-same for every implementation. Where clear_refs is unavailable the peak falls back to `ru_maxrss` over the whole
+same for every implementation. A training step is measured the same way: the warm-up step creates the optimizer's
+state and the gradients (part of the baseline), the measured step's peak adds the activations kept for backward and
+the backward's own temporaries. Where clear_refs is unavailable the peak falls back to `ru_maxrss` over the whole
 process (noted as `method` in the JSON).
 
 Conversion: a random-weight checkpoint in the official DINOv2 format (timm's `vit_*_patch14_dinov2` keys plus
@@ -123,27 +126,60 @@ def run(args, context) -> dict:
                             kind="inference", implementation=name, arch=arch, image_size=image_size,
                             batch_size=batch_size, seed=args.seed, threads=threads,
                         )))
-                case_rows = []
-                for name, results in samples.items():
-                    case_rows.append(dict(
-                        section="memory", arch=arch, image_size=image_size, batch_size=batch_size, implementation=name,
-                        inference_mb=statistics.median(r["delta_bytes"] for r in results) / MB,
-                        peak_mb=statistics.median(r["peak_bytes"] for r in results) / MB,
-                        baseline_mb=statistics.median(r["baseline_bytes"] for r in results) / MB,
-                        method=results[0]["method"], samples=results,
-                    ))
-                ours = next(r for r in case_rows if r["implementation"] == OURS)
-                for row in case_rows:  # > 1: ours needs less; None when ours needed nothing measurable
-                    row["ratio_ours_over_this"] = (
-                        row["inference_mb"] / ours["inference_mb"] if ours["inference_mb"] > 0 else None
-                    )
-                    row["peak_ratio_ours_over_this"] = row["peak_mb"] / ours["peak_mb"]
+                case_rows = case_memory_rows("memory", samples, arch=arch, image_size=image_size, batch_size=batch_size)
                 rows += case_rows
                 context.log_rows(format_table(case_rows))
     return {"rows": rows, "markdown": format_table(rows)}
 
 
-def format_table(rows: list[dict]) -> str:
+def run_training(args, context) -> dict:
+    """Memory of a training step (forward + backward + AdamW step of the classifier, as in the training section) for
+    every arch and training implementation, one fresh process each; the median over `--memory-repeats` is kept."""
+    import torch
+
+    from .training import IMPLEMENTATIONS as TRAINING_IMPLEMENTATIONS
+
+    rows = []
+    threads = args.threads or torch.get_num_threads()
+    image_size, batch_size = args.training_image_size, args.training_batch_size
+    for arch in args.archs:
+        samples: dict[str, list[dict]] = {name: [] for name in TRAINING_IMPLEMENTATIONS}
+        for round_index in range(args.memory_repeats):
+            names = list(TRAINING_IMPLEMENTATIONS)
+            shift = round_index % len(names)
+            for name in names[shift:] + names[:shift]:
+                samples[name].append(measure(dict(
+                    kind="training", implementation=name, arch=arch, image_size=image_size, batch_size=batch_size,
+                    seed=args.seed, threads=threads,
+                )))
+        case_rows = case_memory_rows(
+            "training-memory", samples, arch=arch, image_size=image_size, batch_size=batch_size
+        )
+        rows += case_rows
+        context.log_rows(format_table(case_rows, "step MiB"))
+    return {"rows": rows, "markdown": format_table(rows, "step MiB")}
+
+
+def case_memory_rows(section: str, samples: dict[str, list[dict]], **case) -> list[dict]:
+    """One row per implementation of a case from its workers' results (medians), with the ratios to ours: > 1 means
+    ours needs less; None when ours needed nothing measurable."""
+    rows = []
+    for name, results in samples.items():
+        rows.append(dict(
+            section=section, **case, implementation=name,
+            inference_mb=statistics.median(r["delta_bytes"] for r in results) / MB,
+            peak_mb=statistics.median(r["peak_bytes"] for r in results) / MB,
+            baseline_mb=statistics.median(r["baseline_bytes"] for r in results) / MB,
+            method=results[0]["method"], samples=results,
+        ))
+    ours = next(r for r in rows if r["implementation"] == OURS)
+    for row in rows:
+        row["ratio_ours_over_this"] = row["inference_mb"] / ours["inference_mb"] if ours["inference_mb"] > 0 else None
+        row["peak_ratio_ours_over_this"] = row["peak_mb"] / ours["peak_mb"]
+    return rows
+
+
+def format_table(rows: list[dict], measured: str = "inference MiB") -> str:
     body = [
         [arch_label(r["arch"]), f"{r['image_size']}²", r["batch_size"], r["implementation"],
          f"{r['inference_mb']:.0f}",
@@ -151,7 +187,7 @@ def format_table(rows: list[dict]) -> str:
         for r in rows
     ]
     return markdown_table(
-        ["model", "image", "batch", "implementation", "inference MiB", "this / ours", "peak RSS MiB", "this / ours"],
+        ["model", "image", "batch", "implementation", measured, "this / ours", "peak RSS MiB", "this / ours"],
         body, "lrrlrrrr",
     )
 
@@ -244,6 +280,22 @@ def _worker(spec: dict) -> dict:
         start = time.perf_counter()
         with torch.inference_mode():
             forward(x)  # the output is part of the peak, then freed
+    elif kind == "training":
+        from .training import NUM_LABELS, build_classifiers, training_steps
+
+        name = spec["implementation"]
+        model = build_classifiers(spec["arch"], spec["image_size"], spec["seed"], (name,))[name]
+        generator = torch.Generator().manual_seed(spec["seed"])
+        size = spec["image_size"]
+        x = torch.randn(spec["batch_size"], 3, size, size, generator=generator)
+        labels = torch.randint(0, NUM_LABELS, (spec["batch_size"],), generator=generator)
+        step = training_steps({name: model}, labels)[name]
+        step(x)  # warm-up: the optimizer's state and the gradients exist from here on, as in any later step
+        gc.collect()
+        baseline = rss_now_bytes()
+        method = "VmHWM after clear_refs" if reset_peak_rss() else "ru_maxrss (whole process)"
+        start = time.perf_counter()
+        step(x)
     elif kind == "conversion":
         from vit_registers.conversion import convert
 

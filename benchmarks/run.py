@@ -10,6 +10,7 @@ Sections (`--sections`, default all):
   memory               peak inference memory, one fresh process per implementation and case
   attention            last-layer attention maps, batch 1 at --attention-sizes
   training             forward + backward + AdamW step of the classifier vs transformers
+  training-memory      peak memory of that training step, one fresh process per implementation
   test-time-registers  throughput with test-time registers (Jiang et al. 2025) / plain forward, batch = last batch size
   conversion           peak RSS of converting an official DINOv2 .pth (ViT-L by default) as a multiple of its size
   analysis             latency of vit_registers.analysis.pipeline.analyze_batch on one image (no peer)
@@ -60,6 +61,7 @@ SECTIONS: dict[str, Callable] = {
     "memory": memory.run,
     "attention": attention.run,
     "training": training.run,
+    "training-memory": memory.run_training,
     "test-time-registers": interventions.run,
     "conversion": memory.run_conversion,
     "analysis": analysis.run,
@@ -70,6 +72,7 @@ TITLES = {
     "memory": "Peak inference memory (fresh process per row)",
     "attention": "Last-layer attention maps (batch 1)",
     "training": "Training step: forward + backward + AdamW",
+    "training-memory": "Peak memory of a training step (fresh process per row)",
     "test-time-registers": "Test-time registers vs plain forward",
     "conversion": "Conversion memory (official DINOv2 .pth → ViTRegistersModel)",
     "analysis": "One-image analysis (issue 6)",
@@ -157,7 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--training-image-size", type=positive_int, help="default 224")
     parser.add_argument("--training-batch-size", type=positive_int, help="default 8")
-    parser.add_argument("--memory-repeats", type=positive_int, help="fresh processes per implementation and case (1)")
+    parser.add_argument(
+        "--memory-repeats", type=positive_int, help="memory, training-memory: fresh processes per implementation and case (1)"
+    )
     parser.add_argument("--conversion-arch", choices=list(memory.CONVERSION_ARCHS), help="default L/14")
     parser.add_argument("--ttr-neurons", type=positive_int, help="register neurons for test-time registers (50)")
     parser.add_argument("--threads", type=positive_int, default=None, help="torch intra-op threads (default: torch's)")
@@ -257,7 +262,7 @@ def _run(args) -> int:
             return 1
         output.pop("configs", None)
         table = output.pop("markdown")
-        if name in ("forward", "memory", "attention", "training"):
+        if name in ("forward", "memory", "attention", "training", "training-memory"):
             output["best_peer"] = best_peer(output["rows"])
             table += "\n\n" + best_peer_text(output["best_peer"])
         tables.append(f"### {TITLES[name]}\n\n{table}")

@@ -144,7 +144,7 @@ def test_parity_failure_stops_before_anything_is_timed(monkeypatch, capsys):
 
 def test_smoke_of_in_process_sections(tmp_path, capsys):
     """Without --quick (every option given explicitly), so that the full run's code paths are the ones exercised."""
-    sections = [s for s in SECTIONS if s not in ("memory", "conversion")]
+    sections = [s for s in SECTIONS if s not in ("memory", "training-memory", "conversion")]
     out, md = tmp_path / "bench.json", tmp_path / "bench.md"
     argv = [a for a in TINY if a != "--quick"] + ["--warmup", "1", "--training-batch-size", "2"]
     assert main([*argv, "--sections", ",".join(sections), "--json", str(out), "--markdown", str(md)]) == 0
@@ -214,10 +214,11 @@ def test_smoke_of_in_process_sections(tmp_path, capsys):
 
 
 def test_quick_smoke_of_memory_and_conversion(tmp_path, capsys):
-    """Each number comes from a fresh worker process: inference per implementation, conversion of an official .pth."""
+    """Each number comes from a fresh worker process: inference per implementation, a training step per training
+    implementation, conversion of an official .pth."""
     out = tmp_path / "bench.json"
-    argv = [*TINY, "--sections", "memory,conversion", "--implementations", "vit-registers,transformers-eager",
-            "--image-sizes", "224"]
+    argv = [*TINY, "--sections", "memory,training-memory,conversion",
+            "--implementations", "vit-registers,transformers-eager", "--image-sizes", "224"]
     assert main([*argv, "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     rows = {r["implementation"]: r for r in result["sections"]["memory"]["rows"]}
@@ -229,11 +230,23 @@ def test_quick_smoke_of_memory_and_conversion(tmp_path, capsys):
     if rows[OURS]["inference_mb"] > 0:
         ratio = rows["transformers-eager"]["inference_mb"] / rows[OURS]["inference_mb"]
         assert rows["transformers-eager"]["ratio_ours_over_this"] == pytest.approx(ratio)
+    steps = {r["implementation"]: r for r in result["sections"]["training-memory"]["rows"]}
+    assert set(steps) == set(training.IMPLEMENTATIONS)
+    for row in steps.values():
+        assert row["method"] == "VmHWM after clear_refs" and row["section"] == "training-memory"
+        assert (row["image_size"], row["batch_size"]) == (28, 2)
+        assert 0 <= row["inference_mb"] < row["peak_mb"]
+        assert row["peak_mb"] == pytest.approx(row["baseline_mb"] + row["inference_mb"], abs=0.01)
+        if steps[OURS]["inference_mb"] > 0:
+            assert row["ratio_ours_over_this"] == pytest.approx(row["inference_mb"] / steps[OURS]["inference_mb"])
+    assert {s["best_peer"] for s in result["sections"]["training-memory"]["best_peer"]} <= set(steps) - {OURS}
     (conversion,) = result["sections"]["conversion"]["rows"]
     assert 0 < conversion["checkpoint_mb"] < conversion["peak_mb"]
     assert conversion["peak_over_file"] == pytest.approx(conversion["peak_mb"] / conversion["checkpoint_mb"])
     assert list(conversion["stages_mb"]) == ["imports", "torch.load", "rename", "model init", "converted"]
-    assert "| ViT-tiny (official .pth) |" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "| ViT-tiny (official .pth) |" in printed
+    assert "### Peak memory of a training step (fresh process per row)" in printed and "| step MiB |" in printed
 
 
 @pytest.mark.parametrize(
