@@ -126,7 +126,9 @@ def run(args, context) -> dict:
                             kind="inference", implementation=name, arch=arch, image_size=image_size,
                             batch_size=batch_size, seed=args.seed, threads=threads,
                         )))
-                case_rows = case_memory_rows("memory", samples, arch=arch, image_size=image_size, batch_size=batch_size)
+                case_rows = case_memory_rows(
+                    "memory", samples, "inference_mb", arch=arch, image_size=image_size, batch_size=batch_size
+                )
                 rows += case_rows
                 context.log_rows(format_table(case_rows))
     return {"rows": rows, "markdown": format_table(rows)}
@@ -153,36 +155,38 @@ def run_training(args, context) -> dict:
                     seed=args.seed, threads=threads,
                 )))
         case_rows = case_memory_rows(
-            "training-memory", samples, arch=arch, image_size=image_size, batch_size=batch_size
+            "training-memory", samples, "step_mb", arch=arch, image_size=image_size, batch_size=batch_size
         )
         rows += case_rows
-        context.log_rows(format_table(case_rows, "step MiB"))
-    return {"rows": rows, "markdown": format_table(rows, "step MiB")}
+        context.log_rows(format_table(case_rows, "step_mb"))
+    return {"rows": rows, "markdown": format_table(rows, "step_mb")}
 
 
-def case_memory_rows(section: str, samples: dict[str, list[dict]], **case) -> list[dict]:
-    """One row per implementation of a case from its workers' results (medians), with the ratios to ours: > 1 means
-    ours needs less; None when ours needed nothing measurable."""
+def case_memory_rows(section: str, samples: dict[str, list[dict]], key: str, **case) -> list[dict]:
+    """One row per implementation of a case from its workers' results (medians): peak − baseline as `key`
+    (`inference_mb`, `step_mb`), with the ratios to ours: > 1 means ours needs less; None when ours needed nothing
+    measurable."""
     rows = []
     for name, results in samples.items():
         rows.append(dict(
             section=section, **case, implementation=name,
-            inference_mb=statistics.median(r["delta_bytes"] for r in results) / MB,
+            **{key: statistics.median(r["delta_bytes"] for r in results) / MB},
             peak_mb=statistics.median(r["peak_bytes"] for r in results) / MB,
             baseline_mb=statistics.median(r["baseline_bytes"] for r in results) / MB,
             method=results[0]["method"], samples=results,
         ))
     ours = next(r for r in rows if r["implementation"] == OURS)
     for row in rows:
-        row["ratio_ours_over_this"] = row["inference_mb"] / ours["inference_mb"] if ours["inference_mb"] > 0 else None
+        row["ratio_ours_over_this"] = row[key] / ours[key] if ours[key] > 0 else None
         row["peak_ratio_ours_over_this"] = row["peak_mb"] / ours["peak_mb"]
     return rows
 
 
-def format_table(rows: list[dict], measured: str = "inference MiB") -> str:
+def format_table(rows: list[dict], key: str = "inference_mb") -> str:
+    measured = {"inference_mb": "inference MiB", "step_mb": "step MiB"}[key]
     body = [
         [arch_label(r["arch"]), f"{r['image_size']}²", r["batch_size"], r["implementation"],
-         f"{r['inference_mb']:.0f}",
+         f"{r[key]:.0f}",
          ratio_text(r["ratio_ours_over_this"]), f"{r['peak_mb']:.0f}", ratio_text(r["peak_ratio_ours_over_this"])]
         for r in rows
     ]

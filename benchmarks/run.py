@@ -161,7 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--training-image-size", type=positive_int, help="default 224")
     parser.add_argument("--training-batch-size", type=positive_int, help="default 8")
     parser.add_argument(
-        "--memory-repeats", type=positive_int, help="memory, training-memory: fresh processes per implementation and case (1)"
+        "--memory-repeats", type=positive_int,
+        help="memory, training-memory: fresh processes per implementation and case (1)",
     )
     parser.add_argument("--conversion-arch", choices=list(memory.CONVERSION_ARCHS), help="default L/14")
     parser.add_argument("--ttr-neurons", type=positive_int, help="register neurons for test-time registers (50)")

@@ -485,6 +485,23 @@ def onednn_linear_add(
     return _ONEDNN_LINEAR.binary(inputs, residual, _inference_weight(linear), linear.bias, "add")
 
 
+def onednn_product(
+    inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None = None
+) -> torch.Tensor:
+    """`residual + F.linear(inputs, weight, bias)` (without `residual`: the product alone) as one oneDNN product of
+    an explicit weight (e.g. one with LayerScale folded in): differentiable with gradients, the opaque custom ops
+    under torch.compile without them."""
+    if torch.is_grad_enabled():
+        return _OneDNNLinearFunction.apply(inputs, weight, bias, residual)
+    if torch.compiler.is_compiling():
+        if residual is None:
+            return _COMPILED_LINEAR(inputs, weight, bias, "none", "")
+        return _COMPILED_LINEAR_ADD(inputs, residual, weight, bias)
+    if residual is None:
+        return _ONEDNN_LINEAR(inputs, weight, bias, "none", [], "")
+    return _ONEDNN_LINEAR.binary(inputs, residual, weight, bias, "add")
+
+
 def _project(inputs: torch.Tensor, linear: nn.Linear, onednn: bool, plain: bool = False) -> torch.Tensor:
     """`linear(inputs)`, as a oneDNN product on the block's oneDNN path (unless `plain`, see `onednn_linear`)."""
     return onednn_linear(inputs, linear, plain=plain) if onednn else linear(inputs)
@@ -640,6 +657,11 @@ class ViTRegistersLayer(GradientCheckpointingLayer):
             return False
         if type(self.mlp.activation) is not self.mlp.activation_type:
             return False  # a replaced activation module: the oneDNN path would pick the activation by name
+        # replaced LayerScale, dropout or drop-path modules: the oneDNN path folds, skips or fuses these by their type
+        if not all(type(m) in (ViTRegistersLayerScale, nn.Identity) for m in (self.layer_scale1, self.layer_scale2)):
+            return False
+        if not all(type(m) in (nn.Dropout, ViTRegistersDropPath, nn.Identity) for m in self._stochastic_modules):
+            return False
         for name, module in self.named_modules():
             if name and (module._forward_hooks or module._forward_pre_hooks or "forward" in module.__dict__):
                 return False
@@ -654,11 +676,12 @@ class ViTRegistersLayer(GradientCheckpointingLayer):
     def onednn_forward(
         self, hidden_states: torch.Tensor, output_attentions: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """`forward` with oneDNN products (the same arithmetic up to float32 rounding). With gradients or in training
-        mode see `_onednn_training_forward`; otherwise the activation and the residual move into the products'
+        """`forward` with oneDNN products (the same arithmetic up to float32 rounding). With gradients, in training
+        mode or with a dropout or drop-path module drawing masks (Monte Carlo dropout in eval mode) see
+        `_onednn_training_forward`; otherwise the activation and the residual move into the products'
         epilogues, or, below the policy's `min_inference_work` without prepacked weights, the products are ATen's with
         the activation and the residual in place after them."""
-        if self.training or torch.is_grad_enabled():
+        if self.training or torch.is_grad_enabled() or any(_drops(m) for m in self._stochastic_modules):
             return self._onednn_training_forward(hidden_states, output_attentions)
         attention, mlp = self.attention, self.mlp
         plain = hidden_states.numel() < onednn_policy().min_inference_work and attention.qkv not in _PACKED_WEIGHTS
@@ -674,10 +697,11 @@ class ViTRegistersLayer(GradientCheckpointingLayer):
     def _onednn_training_forward(
         self, hidden_states: torch.Tensor, output_attentions: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """`onednn_forward` with gradients or in train mode: the regular composition's arithmetic (dropout and drop
-        path drawn in the same order) with oneDNN products, LayerScale folded into the output products' weights
-        (`(γ ⊙ W) x + γ ⊙ b`: weight-sized products in forward and backward instead of activation-sized ones) and the
-        residual added in their epilogue wherever no dropout or drop path stands between them."""
+        """`onednn_forward` with gradients, in train mode or with active dropout: the regular composition's
+        arithmetic (dropout and drop path drawn in the same order) with oneDNN products, LayerScale folded into the
+        output products' weights (`(γ ⊙ W) x + γ ⊙ b`: weight-sized products in forward and backward instead of
+        activation-sized ones) and the residual added in their epilogue wherever no dropout or drop path draws a mask
+        between them."""
         attention, mlp = self.attention, self.mlp
         qkv = onednn_linear(self.norm1(hidden_states), attention.qkv)
         attended, weights = attention.attend(qkv, output_attentions)
@@ -703,9 +727,14 @@ class ViTRegistersLayer(GradientCheckpointingLayer):
         if isinstance(layer_scale, ViTRegistersLayerScale):
             weight = weight * layer_scale.gamma[:, None]
             bias = None if bias is None else bias * layer_scale.gamma
-        if not self.training or (dropout.p == 0 and not isinstance(self.drop_path, ViTRegistersDropPath)):
-            return _OneDNNLinearFunction.apply(inputs, weight, bias, residual)
-        return residual + self.drop_path(dropout(_OneDNNLinearFunction.apply(inputs, weight, bias)))
+        if not (_drops(dropout) or _drops(self.drop_path)):
+            return onednn_product(inputs, weight, bias, residual)
+        return residual + self.drop_path(dropout(onednn_product(inputs, weight, bias)))
+
+    @property
+    def _stochastic_modules(self) -> tuple[nn.Module, ...]:
+        """The modules between the output products and the residual that may draw random masks."""
+        return self.attention.proj_dropout, self.mlp.dropout, self.drop_path
 
     @staticmethod
     def _residual(
@@ -716,6 +745,15 @@ class ViTRegistersLayer(GradientCheckpointingLayer):
         if isinstance(layer_scale, ViTRegistersLayerScale):
             return torch.addcmul(residual, onednn_linear(inputs, linear, plain=plain), layer_scale.gamma)
         return onednn_linear_add(inputs, residual, linear, plain)
+
+
+def _drops(module: nn.Module) -> bool:
+    """Whether a dropout or drop-path module (or `nn.Identity`) changes its input in its current mode."""
+    if isinstance(module, nn.Dropout):
+        return module.training and module.p > 0
+    if isinstance(module, ViTRegistersDropPath):
+        return module.training and module.drop_prob > 0
+    return False
 
 
 def resolve_layer_indices(layers: int | Iterable[int] | None, depth: int) -> tuple[int, ...]:
