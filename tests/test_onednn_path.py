@@ -225,12 +225,12 @@ def test_double_backward_and_gradient_checkpointing_match_regular_path(monkeypat
         scale = regular_grads[name].abs().max().clamp_min(1e-8)
         assert (grad - regular_grads[name]).abs().max() / scale < 1e-4, name
 
-    model.gradient_checkpointing_enable()
+    model.activation_checkpointing_enable()
     model.train()
     calls = count_onednn_calls(monkeypatch)
     checkpointed_loss, checkpointed = loss_and_gradients(model, pixels.clone(), labels)
     assert calls[0] == 2 * model.config.num_hidden_layers  # forward, then the recomputation in backward
-    model.gradient_checkpointing_disable()
+    model.activation_checkpointing_disable()
     plain_loss, plain = loss_and_gradients(model, pixels.clone(), labels)
     torch.testing.assert_close(checkpointed_loss, plain_loss)
     for name, grad in checkpointed.items():
