@@ -144,8 +144,8 @@ def to_transformers(ours: torch.nn.Module, attn_implementation: str) -> torch.nn
 
 
 def build_models(arch: str, image_size: int, seed: int, names=IMPLEMENTATIONS) -> dict[str, torch.nn.Module]:
-    """`{name: model}` on the same random weights: ours (`ViTRegistersModel`, plain and with prepacked weights), timm,
-    transformers-{sdpa,eager}."""
+    """`{name: model}` on the same random weights, float32 on the CPU: ours (`ViTRegistersModel`, plain and with
+    prepacked weights), timm, transformers-{sdpa,eager}."""
     from vit_registers.conversion import convert
 
     timm_model = build_timm(arch, image_size, seed)
@@ -181,12 +181,45 @@ def build_implementations(arch: str, image_size: int, seed: int, names=IMPLEMENT
     return forwards, models[OURS].config
 
 
+def build_placed_implementations(
+    arch: str, image_size: int, seed: int, names=IMPLEMENTATIONS, device: str = "cpu", dtype: str = "float32"
+):
+    """`({name: forward}, our config, parity differences)`: the models are built in float32 on the CPU, moved to
+    `device`, checked for parity there in float32 (so the check is about the weights, not about rounding), then cast
+    to `dtype` for timing."""
+    models = build_models(arch, image_size, seed, names)
+    for model in models.values():
+        model.to(device)
+    forwards = {name: last_tokens(name, models[name]) for name in names}
+    parity = check_parity(forwards, image_size, seed, device=device)
+    if dtype != "float32":
+        for model in models.values():
+            model.to(getattr(torch, dtype))
+    return forwards, models[OURS].config, parity
+
+
+def place(tensor: torch.Tensor, device: str = "cpu", dtype: str = "float32") -> torch.Tensor:
+    """`tensor` on `device` in `dtype` (a name such as "bfloat16")."""
+    return tensor.to(device=device, dtype=getattr(torch, dtype))
+
+
+def synchronizer(device: str = "cpu") -> Callable[[], None]:
+    """A function that waits for the work queued on `device` (a no-op on the CPU, whose calls return when done)."""
+    kind = torch.device(device).type
+    if kind == "cpu":
+        return lambda: None
+    backend = getattr(torch, kind, None)
+    if backend is None or not hasattr(backend, "synchronize"):
+        raise ValueError(f"cannot time device {device!r}: torch.{kind}.synchronize is missing")
+    return lambda: backend.synchronize(device)
+
+
 @torch.inference_mode()
 def check_parity(forwards: dict[str, Callable], image_size: int, seed: int, reference: str = OURS,
-                 atol: float = PARITY_ATOL) -> dict[str, float]:
+                 atol: float = PARITY_ATOL, device: str = "cpu") -> dict[str, float]:
     """Max abs difference of every implementation's output from `reference`'s; raise `ParityError` above `atol`."""
     generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(1, 3, image_size, image_size, generator=generator)
+    x = torch.randn(1, 3, image_size, image_size, generator=generator).to(device)
     expected = forwards[reference](x)
     differences = {}
     for name, forward in forwards.items():
@@ -220,32 +253,38 @@ def forward_flops(config, batch_size: int, image_size: int, num_register_tokens:
 
 
 @torch.inference_mode()
-def gemm_peak_flops(size: int = 1024, seconds: float = 1.0) -> float:
-    """Best fp32 FLOP/s of repeated (size × size) products for about `seconds`, over the GEMMs torch offers on this
-    machine: `torch.mm` (MKL / OpenBLAS) and, where present, oneDNN's `mkldnn._linear_pointwise`, which this project's
-    CPU path uses (the peak is the best any of them reaches, so no implementation is measured against a low bar)."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
+def gemm_peak_flops(size: int = 1024, seconds: float = 1.0, device: str = "cpu", dtype: str = "float32") -> float:
+    """Best FLOP/s of repeated (size × size) products in `dtype` on `device` for about `seconds`, over the GEMMs torch
+    offers there: `torch.mm` (MKL / OpenBLAS on the CPU, cuBLAS on a GPU) and, on the CPU in float32, oneDNN's
+    `mkldnn._linear_pointwise`, which this project's CPU path uses (the peak is the best any of them reaches, so no
+    implementation is measured against a low bar). A GPU gets 4096² products (1024² would not fill it)."""
+    on_cpu = torch.device(device).type == "cpu"
+    size = size if on_cpu else max(size, 4096)
+    a, b = (place(torch.randn(size, size), device, dtype) for _ in range(2))
     products = [lambda: torch.mm(a, b)]
     onednn = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
-    if onednn is not None and torch.backends.mkldnn.is_available():
+    if on_cpu and dtype == "float32" and onednn is not None and torch.backends.mkldnn.is_available():
         products.append(lambda: onednn(a, b, None, "none", [], ""))
+    sync = synchronizer(device)
     best = math.inf
     for product in products:
         product()
+        sync()
         start = time.perf_counter()
         while time.perf_counter() - start < seconds / len(products):
             t0 = time.perf_counter()
             product()
+            sync()
             best = min(best, time.perf_counter() - t0)
     return 2.0 * size**3 / best
 
 
 def time_alternating(
     functions: dict[str, Callable], x, repeats: int, warmup: int, grad: bool = False,
-    max_seconds: float | None = None, min_repeats: int = 3,
+    max_seconds: float | None = None, min_repeats: int = 3, sync: Callable[[], None] = lambda: None,
 ) -> dict[str, list[float]]:
     """Seconds per call of each function; they alternate, the order rotating every round. Without `grad` the calls
-    run under `torch.inference_mode()`.
+    run under `torch.inference_mode()`. `sync` waits for queued device work (`synchronizer`) after each call.
 
     With `max_seconds` (> 0), slow cases are cut short: the rounds are capped at `max_seconds` / (duration of the first
     warm-up round), but never below `min_repeats`; warm-up stops after one round if that round took > max_seconds / 4.
@@ -257,6 +296,7 @@ def time_alternating(
             t0 = time.perf_counter()
             for name in names:
                 functions[name](x)
+                sync()
             if index == 0 and max_seconds:
                 round_seconds = time.perf_counter() - t0
                 rounds = max(min(min_repeats, repeats), min(repeats, int(max_seconds / max(round_seconds, 1e-9))))
@@ -268,6 +308,7 @@ def time_alternating(
             for name in names[shift:] + names[:shift]:
                 t0 = time.perf_counter()
                 functions[name](x)
+                sync()
                 times[name].append(time.perf_counter() - t0)
     return times
 
@@ -366,7 +407,7 @@ def onednn_text() -> str:
     return f"oneDNN path: {parts}"
 
 
-def machine_info() -> dict:
+def machine_info(device: str = "cpu") -> dict:
     import timm
     import transformers
 
@@ -383,6 +424,8 @@ def machine_info() -> dict:
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "onednn_path": onednn_text(),
     }
+    if torch.device(device).type == "cuda":
+        info["device_name"] = torch.cuda.get_device_name(device)
     try:
         with open("/proc/cpuinfo") as f:
             names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]

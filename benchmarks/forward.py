@@ -1,7 +1,8 @@
-"""Forward throughput (img/s, fp32) against transformers (sdpa, eager) and timm, and the cost of registers.
+"""Forward throughput (img/s; fp32 on the CPU by default, `--device`/`--dtype` for a GPU in bf16) against
+transformers (sdpa, eager) and timm, and the cost of registers.
 
 FLOPs are counted analytically (2 × multiply-adds of the matrix products; Darcet et al. 2024 Sec. 2: four registers add
-< 2 % at 224²) and set against the measured fp32 GEMM peak of this machine (`% GEMM peak`).
+< 2 % at 224²) and set against the GEMM peak measured on the same device in the same dtype (`% GEMM peak`).
 """
 
 from __future__ import annotations
@@ -14,22 +15,24 @@ from .common import (
     OURS,
     PREPACKED,
     arch_label,
-    build_implementations,
-    check_parity,
+    build_placed_implementations,
     forward_flops,
     markdown_table,
+    place,
     ratio_text,
+    synchronizer,
     time_alternating,
     timing_rows,
 )
 
 
 def run_case(arch: str, image_size: int, batch_size: int, repeats: int, warmup: int, seed: int, peak: float | None,
-             names, compile: bool = False, max_seconds: float | None = None):
-    """Time one case; returns (rows, parity differences, our config)."""
-    forwards, config = build_implementations(arch, image_size, seed, names)
-    parity = check_parity(forwards, image_size, seed)
+             names, compile: bool = False, max_seconds: float | None = None, device: str = "cpu",
+             dtype: str = "float32"):
+    """Time one case on `device` in `dtype`; returns (rows, parity differences, our config)."""
+    forwards, config, parity = build_placed_implementations(arch, image_size, seed, names, device, dtype)
     x = torch.randn(batch_size, 3, image_size, image_size, generator=torch.Generator().manual_seed(seed))
+    x = place(x, device, dtype)
     if compile:
         # the packs serve eager products only (torch.compile uses the plain weights): no compiled prepacked row
         compiled = {f"{n}+compile": torch.compile(f) for n, f in forwards.items() if n != PREPACKED}
@@ -37,7 +40,7 @@ def run_case(arch: str, image_size: int, batch_size: int, repeats: int, warmup: 
             for function in compiled.values():  # compilation happens here, outside the timed and warm-up rounds
                 function(x)
         forwards = {**forwards, **compiled}
-    times = time_alternating(forwards, x, repeats, warmup, max_seconds=max_seconds)
+    times = time_alternating(forwards, x, repeats, warmup, max_seconds=max_seconds, sync=synchronizer(device))
     flops = forward_flops(config, batch_size, image_size)
     case = dict(arch=arch, image_size=image_size, batch_size=batch_size)
     plain = {name: t for name, t in times.items() if not name.endswith("+compile")}
@@ -108,7 +111,7 @@ def run(args, context) -> dict:
             for batch_size in args.batch_sizes:
                 case_rows, case_parity, configs[arch] = run_case(
                     arch, image_size, batch_size, args.repeats, args.warmup, args.seed, context.peak,
-                    args.implementations, args.compile, args.max_case_seconds,
+                    args.implementations, args.compile, args.max_case_seconds, args.device, args.dtype,
                 )
                 rows += case_rows
                 parity[f"{arch}@{image_size}"] = case_parity

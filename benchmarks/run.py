@@ -48,6 +48,7 @@ from .common import (  # noqa: E402
     DEFAULT_ARCHS,
     IMPLEMENTATIONS,
     OURS,
+    PREPACKED,
     ParityError,
     best_peer,
     best_peer_text,
@@ -77,6 +78,8 @@ TITLES = {
     "conversion": "Conversion memory (official DINOv2 .pth → ViTRegistersModel)",
     "analysis": "One-image analysis (issue 6)",
 }
+DEVICE_SECTIONS = ("forward", "training")  # the sections that take --device and --dtype
+DTYPES = ("float32", "bfloat16", "float16")
 # option: (full run, --quick)
 DEFAULTS = {
     "archs": (list(DEFAULT_ARCHS), ["S/14"]),
@@ -169,6 +172,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=positive_int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--compile", action="store_true", help="forward: also time torch.compile'd versions")
     parser.add_argument(
+        "--device", default="cpu",
+        help="forward, training: torch device (default cpu; e.g. cuda on a GPU machine); parity is checked there in "
+        "float32, the other sections measure the CPU only",
+    )
+    parser.add_argument(
+        "--dtype", choices=DTYPES, default="float32",
+        help="forward: the models' dtype; training: autocast to it with float32 weights (default float32)",
+    )
+    parser.add_argument(
         "--allocator", choices=("glibc", "tuned"), default="glibc",
         help="glibc: glibc's defaults (default); tuned: freed tensor memory stays in the process for every "
         "implementation (vit_registers.cpu_allocator)",
@@ -200,6 +212,23 @@ def parse_args(argv: list[str] | None):
         problems.append(f"image sizes must be positive multiples of 14, got {sorted(set(sizes))}")
     if any(b <= 0 for b in args.batch_sizes):
         problems.append(f"batch sizes must be positive, got {args.batch_sizes}")
+    if args.device != "cpu" or args.dtype != "float32":
+        elsewhere = [s for s in args.sections if s not in DEVICE_SECTIONS]
+        if elsewhere:
+            problems.append(
+                f"--device/--dtype apply to {', '.join(DEVICE_SECTIONS)} only; choose --sections without "
+                f"{', '.join(elsewhere)}"
+            )
+        try:
+            kind = torch.device(args.device).type
+        except RuntimeError:
+            problems.append(f"unknown device {args.device!r}")
+        else:
+            backend = getattr(torch, kind, None)
+            if kind != "cpu" and not (backend is not None and backend.is_available()):
+                problems.append(f"device {args.device!r} is not available on this machine")
+        # prepacked weights are oneDNN's float32 CPU layout: no such variant elsewhere
+        args.implementations = [i for i in args.implementations if i != PREPACKED]
     if problems:
         raise ValueError("; ".join(problems))
     if OURS not in args.implementations:
@@ -240,12 +269,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args) -> int:
     started = time.perf_counter()
-    peak = gemm_peak_flops(seconds=0.5 if args.quick else 2.0)
-    print(f"fp32 GEMM peak (1024³ torch.mm): {peak / 1e9:.1f} GFLOP/s on {torch.get_num_threads()} threads",
+    peak = gemm_peak_flops(seconds=0.5 if args.quick else 2.0, device=args.device, dtype=args.dtype)
+    print(f"{args.dtype} GEMM peak on {args.device}: {peak / 1e9:.1f} GFLOP/s ({torch.get_num_threads()} CPU threads)",
           file=sys.stderr)
     context = Context(peak)
     result = {
-        "machine": machine_info(),
+        "machine": machine_info(args.device),
         "gemm_peak_gflops": peak / 1e9,
         "settings": {k: v for k, v in vars(args).items() if k not in ("json", "markdown")},
         "sections": {},
@@ -266,7 +295,10 @@ def _run(args) -> int:
         if name in ("forward", "memory", "attention", "training", "training-memory"):
             output["best_peer"] = best_peer(output["rows"])
             table += "\n\n" + best_peer_text(output["best_peer"])
-        tables.append(f"### {TITLES[name]}\n\n{table}")
+        title = TITLES[name]
+        if name == "forward" and (args.dtype != "float32" or args.device != "cpu"):
+            title = f"Forward throughput ({args.dtype} on {args.device})"
+        tables.append(f"### {title}\n\n{table}")
         output["wall_s"] = time.perf_counter() - section_start
         result["sections"][name] = output
         result["wall_s"] = time.perf_counter() - started
@@ -282,8 +314,17 @@ def render(result: dict, tables: list[str]) -> str:
         f"Measured on {machine.get('cpu_model', machine['processor'])} ({machine['cpu_count']} cores, "
         f"{machine['cpu_capability']}; {machine['onednn_path']}), "
         f"{machine['torch_threads']} torch threads, torch {machine['torch']}, transformers {machine['transformers']}, "
-        f"timm {machine['timm']}; {machine['allocator']}; fp32 GEMM peak {result['gemm_peak_gflops']:.0f} GFLOP/s. "
-        "Ratios: this project / peer, > 1 is better for this project."
+        f"timm {machine['timm']}; {machine['allocator']}; "
+    )
+    settings = result["settings"]
+    device, dtype = settings.get("device", "cpu"), settings.get("dtype", "float32")
+    if device != "cpu" or dtype != "float32":
+        header += f"forward and training in {dtype} on {machine.get('device_name', device)}; {dtype} "
+    else:
+        header += "fp32 "
+    header += (
+        f"GEMM peak {result['gemm_peak_gflops']:.0f} GFLOP/s. Ratios: this project / peer, > 1 is better for this "
+        "project."
     )
     return header + "\n\n" + "\n\n".join(tables) + "\n"
 

@@ -20,6 +20,7 @@ from .common import (
     build_on_meta,
     markdown_table,
     ratio_text,
+    synchronizer,
     time_alternating,
     timing_rows,
     transformers_config,
@@ -68,12 +69,14 @@ def build_classifiers(arch: str, image_size: int, seed: int, names=IMPLEMENTATIO
     return models
 
 
-def check_training_parity(models: dict[str, torch.nn.Module], image_size: int, seed: int) -> dict[str, float]:
+def check_training_parity(
+    models: dict[str, torch.nn.Module], image_size: int, seed: int, device: str = "cpu"
+) -> dict[str, float]:
     """Max abs difference from ours of the logits and of the patch-embedding and classifier gradients (relative to
-    their scale); raise `ParityError` above `PARITY_ATOL`."""
+    their scale), in float32 on `device`; raise `ParityError` above `PARITY_ATOL`."""
     generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(2, 3, image_size, image_size, generator=generator)
-    labels = torch.randint(0, NUM_LABELS, (2,), generator=generator)
+    x = torch.randn(2, 3, image_size, image_size, generator=generator).to(device)
+    labels = torch.randint(0, NUM_LABELS, (2,), generator=generator).to(device)
     results = {}
     for name, model in models.items():
         model.zero_grad(set_to_none=True)
@@ -96,15 +99,19 @@ def check_training_parity(models: dict[str, torch.nn.Module], image_size: int, s
     return differences
 
 
-def training_steps(models: dict[str, torch.nn.Module], labels: torch.Tensor):
-    """`{name: step(pixel_values)}`: zero_grad, forward with labels, backward, AdamW step."""
+def training_steps(models: dict[str, torch.nn.Module], labels: torch.Tensor, dtype: str = "float32"):
+    """`{name: step(pixel_values)}`: zero_grad, forward with labels, backward, AdamW step. With another `dtype` than
+    float32 the forward runs under autocast to it (mixed precision: float32 weights and optimizer)."""
     steps = {}
+    precision = getattr(torch, dtype)
     for name, model in models.items():
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.05)
 
         def step(x, model=model, optimizer=optimizer):
             optimizer.zero_grad(set_to_none=True)
-            model(pixel_values=x, labels=labels).loss.backward()
+            with torch.autocast(x.device.type, dtype=precision, enabled=precision != torch.float32):
+                loss = model(pixel_values=x, labels=labels).loss
+            loss.backward()
             optimizer.step()
 
         steps[name] = step
@@ -117,12 +124,15 @@ def run(args, context) -> dict:
     for arch in args.archs:
         image_size = args.training_image_size
         models = build_classifiers(arch, image_size, args.seed)
-        parity[f"{arch}@{image_size}"] = check_training_parity(models, image_size, args.seed)
+        for model in models.values():
+            model.to(args.device)
+        parity[f"{arch}@{image_size}"] = check_training_parity(models, image_size, args.seed, args.device)
         generator = torch.Generator().manual_seed(args.seed)
-        x = torch.randn(batch_size, 3, image_size, image_size, generator=generator)
-        labels = torch.randint(0, NUM_LABELS, (batch_size,), generator=generator)
+        x = torch.randn(batch_size, 3, image_size, image_size, generator=generator).to(args.device)
+        labels = torch.randint(0, NUM_LABELS, (batch_size,), generator=generator).to(args.device)
         times = time_alternating(
-            training_steps(models, labels), x, args.repeats, args.warmup, grad=True, max_seconds=args.max_case_seconds
+            training_steps(models, labels, args.dtype), x, args.repeats, args.warmup, grad=True,
+            max_seconds=args.max_case_seconds, sync=synchronizer(args.device),
         )
         case_rows = timing_rows("training", times, batch_size, arch=arch, image_size=image_size, batch_size=batch_size)
         rows += case_rows

@@ -22,9 +22,11 @@ from benchmarks.common import (  # noqa: E402
     ParityError,
     build_implementations,
     build_models,
+    build_placed_implementations,
     check_parity,
     forward_flops,
     markdown_table,
+    place,
     time_alternating,
     to_transformers,
 )
@@ -129,9 +131,15 @@ def test_spread_neurons_spreads_distinct_units_over_early_layers():
 
 
 def test_parity_failure_stops_before_anything_is_timed(monkeypatch, capsys):
-    forwards, config = build_implementations("tiny", 28, seed=0)
-    broken = {**forwards, "timm": lambda x: forwards["timm"](x) * 2}
-    monkeypatch.setattr(forward, "build_implementations", lambda *args, **kwargs: (broken, config))
+    import benchmarks.common as common
+
+    original = common.last_tokens
+
+    def broken(name, model):  # timm's outputs doubled: not the same model any more
+        tokens = original(name, model)
+        return (lambda x: tokens(x) * 2) if name == "timm" else tokens
+
+    monkeypatch.setattr(common, "last_tokens", broken)
 
     def no_timing(*args, **kwargs):
         raise AssertionError("timed despite a parity failure")
@@ -246,6 +254,45 @@ def test_quick_smoke_of_memory_and_conversion(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "| ViT-tiny (official .pth) |" in printed
     assert "### Peak memory of a training step (fresh process per row)" in printed and "| step MiB |" in printed
+
+
+def test_forward_and_training_in_bfloat16_check_parity_in_float32_then_cast(tmp_path, capsys):
+    """`--dtype` (and `--device`, the same code path on a GPU): parity in float32, then every model runs in bfloat16;
+    no prepacked variant (a float32 CPU layout)."""
+    forwards, _, parity = build_placed_implementations("tiny", 28, 0, ("vit-registers", "timm"), "cpu", "bfloat16")
+    assert max(parity.values()) <= 1e-3  # float32 parity before the cast
+    x = place(torch.randn(2, 3, 28, 28), "cpu", "bfloat16")
+    for name, forward in forwards.items():
+        with torch.inference_mode():
+            assert forward(x).dtype == torch.bfloat16, name
+
+    out = tmp_path / "bench.json"
+    argv = [*TINY, "--sections", "forward,training", "--dtype", "bfloat16", "--image-sizes", "28"]
+    assert main([*argv, "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["settings"]["dtype"] == "bfloat16"
+    implementations = {r["implementation"] for r in result["sections"]["forward"]["rows"]}
+    assert PREPACKED not in implementations and OURS in implementations
+    assert {r["implementation"] for r in result["sections"]["training"]["rows"]} == set(training.IMPLEMENTATIONS)
+    printed = capsys.readouterr().out
+    assert "### Forward throughput (bfloat16 on cpu)" in printed and "bfloat16 GEMM peak" in printed
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--dtype", "bfloat16", "--sections", "forward,memory"], "apply to forward, training only"),
+        (["--device", "nonsense"], "unknown device 'nonsense'"),
+        (["--device", "cuda", "--sections", "forward"], "device 'cuda' is not available"),
+        (["--dtype", "float64"], "invalid choice"),
+    ],
+)
+def test_device_and_dtype_arguments_exit_2_with_one_message(argv, message, capsys):
+    if message.startswith("device 'cuda'") and torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize(
