@@ -186,7 +186,9 @@ def build_placed_implementations(
 ):
     """`({name: forward}, our config, parity differences)`: the models are built in float32 on the CPU, moved to
     `device`, checked for parity there in float32 (so the check is about the weights, not about rounding), then cast
-    to `dtype` for timing."""
+    to `dtype` for timing. The prepacked variant (oneDNN's float32 CPU layout) only runs on the CPU in float32."""
+    if device != "cpu" or dtype != "float32":
+        names = tuple(name for name in names if name != PREPACKED)
     models = build_models(arch, image_size, seed, names)
     for model in models.values():
         model.to(device)
@@ -208,10 +210,9 @@ def synchronizer(device: str = "cpu") -> Callable[[], None]:
     kind = torch.device(device).type
     if kind == "cpu":
         return lambda: None
-    backend = getattr(torch, kind, None)
-    if backend is None or not hasattr(backend, "synchronize"):
-        raise ValueError(f"cannot time device {device!r}: torch.{kind}.synchronize is missing")
-    return lambda: backend.synchronize(device)
+    if kind == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    raise ValueError(f"cannot time device {device!r}: the benchmarks time cpu or cuda devices")
 
 
 @torch.inference_mode()
@@ -258,25 +259,41 @@ def gemm_peak_flops(size: int = 1024, seconds: float = 1.0, device: str = "cpu",
     offers there: `torch.mm` (MKL / OpenBLAS on the CPU, cuBLAS on a GPU) and, on the CPU in float32, oneDNN's
     `mkldnn._linear_pointwise`, which this project's CPU path uses (the peak is the best any of them reaches, so no
     implementation is measured against a low bar). A GPU gets 4096² products (1024² would not fill it)."""
-    on_cpu = torch.device(device).type == "cpu"
-    size = size if on_cpu else max(size, 4096)
+    if torch.device(device).type != "cpu":
+        return _device_gemm_peak(device, dtype, seconds)
     a, b = (place(torch.randn(size, size), device, dtype) for _ in range(2))
     products = [lambda: torch.mm(a, b)]
     onednn = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
-    if on_cpu and dtype == "float32" and onednn is not None and torch.backends.mkldnn.is_available():
+    if dtype == "float32" and onednn is not None and torch.backends.mkldnn.is_available():
         products.append(lambda: onednn(a, b, None, "none", [], ""))
-    sync = synchronizer(device)
     best = math.inf
     for product in products:
         product()
-        sync()
         start = time.perf_counter()
         while time.perf_counter() - start < seconds / len(products):
             t0 = time.perf_counter()
             product()
-            sync()
             best = min(best, time.perf_counter() - t0)
     return 2.0 * size**3 / best
+
+
+def _device_gemm_peak(device: str, dtype: str, seconds: float, batch: int = 20) -> float:
+    """A GPU's best FLOP/s over 4096² and 8192² products, `batch` back to back between synchronizations (one
+    product is too short to time against the launch and the synchronization)."""
+    sync = synchronizer(device)
+    best = 0.0
+    for size in (4096, 8192):
+        a, b = (place(torch.randn(size, size), device, dtype) for _ in range(2))
+        torch.mm(a, b)
+        sync()
+        start = time.perf_counter()
+        while time.perf_counter() - start < seconds / 2:
+            t0 = time.perf_counter()
+            for _ in range(batch):
+                torch.mm(a, b)
+            sync()
+            best = max(best, batch * 2.0 * size**3 / (time.perf_counter() - t0))
+    return best
 
 
 def time_alternating(
@@ -426,6 +443,9 @@ def machine_info(device: str = "cpu") -> dict:
     }
     if torch.device(device).type == "cuda":
         info["device_name"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+        info["cudnn"] = torch.backends.cudnn.version()
+        info["compute_capability"] = ".".join(map(str, torch.cuda.get_device_capability(device)))
     try:
         with open("/proc/cpuinfo") as f:
             names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]

@@ -34,11 +34,16 @@ def run_case(arch: str, image_size: int, batch_size: int, repeats: int, warmup: 
     x = torch.randn(batch_size, 3, image_size, image_size, generator=torch.Generator().manual_seed(seed))
     x = place(x, device, dtype)
     if compile:
+        # every case compiles anew (its own models): without a reset, Dynamo's recompile limit (8 per code object,
+        # and the implementations share `last_tokens`' lambda) would silently leave later cases uncompiled
+        torch._dynamo.reset()
         # the packs serve eager products only (torch.compile uses the plain weights): no compiled prepacked row
         compiled = {f"{n}+compile": torch.compile(f) for n, f in forwards.items() if n != PREPACKED}
+        sync = synchronizer(device)
         with torch.inference_mode():
             for function in compiled.values():  # compilation happens here, outside the timed and warm-up rounds
                 function(x)
+                sync()
         forwards = {**forwards, **compiled}
     times = time_alternating(forwards, x, repeats, warmup, max_seconds=max_seconds, sync=synchronizer(device))
     flops = forward_flops(config, batch_size, image_size)

@@ -5,7 +5,8 @@
     python -m benchmarks --sections forward,attention --archs S/14    # chosen sections only
 
 Sections (`--sections`, default all):
-  forward              img/s, fp32, ours vs transformers sdpa/eager vs timm; % of the measured GEMM peak
+  forward              img/s (fp32 on the CPU, or --device/--dtype), ours vs transformers sdpa/eager vs timm;
+                       % of the GEMM peak measured on the same device in the same dtype
   registers            FLOPs and img/s with 0, 1, 4, 16 registers (Darcet et al. 2024: < 2 % FLOPs for 4)
   memory               peak inference memory, one fresh process per implementation and case
   attention            last-layer attention maps, batch 1 at --attention-sizes
@@ -79,7 +80,7 @@ TITLES = {
     "analysis": "One-image analysis (issue 6)",
 }
 DEVICE_SECTIONS = ("forward", "training")  # the sections that take --device and --dtype
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("float32", "bfloat16")  # float16 training would need a GradScaler, which the step does not time
 # option: (full run, --quick)
 DEFAULTS = {
     "archs": (list(DEFAULT_ARCHS), ["S/14"]),
@@ -152,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "registers and test-time-registers")
     parser.add_argument("--attention-sizes", type=_csv(int), help="attention and analysis (default 224,518)")
     parser.add_argument(
-        "--implementations", type=_csv(str), default=list(IMPLEMENTATIONS),
+        "--implementations", type=_csv(str), default=None,
         help="forward/memory: comma list of " + ", ".join(IMPLEMENTATIONS),
     )
     parser.add_argument("--repeats", type=positive_int, help="timed rounds per case (default 10)")
@@ -173,8 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--compile", action="store_true", help="forward: also time torch.compile'd versions")
     parser.add_argument(
         "--device", default="cpu",
-        help="forward, training: torch device (default cpu; e.g. cuda on a GPU machine); parity is checked there in "
-        "float32, the other sections measure the CPU only",
+        help="forward, training: cpu (default) or cuda[:index]; parity is checked there in float32 (other sections "
+        "run on the CPU in float32 and refuse other settings)",
     )
     parser.add_argument(
         "--dtype", choices=DTYPES, default="float32",
@@ -194,6 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: list[str] | None):
     """Parsed options with the full-run or --quick defaults filled in; raises ValueError naming a bad value."""
     args = build_parser().parse_args(argv)
+    chosen_implementations = args.implementations is not None
+    if not chosen_implementations:
+        args.implementations = list(IMPLEMENTATIONS)
     for name, (full, quick) in DEFAULTS.items():
         if getattr(args, name) is None:
             setattr(args, name, quick if args.quick else full)
@@ -212,28 +216,43 @@ def parse_args(argv: list[str] | None):
         problems.append(f"image sizes must be positive multiples of 14, got {sorted(set(sizes))}")
     if any(b <= 0 for b in args.batch_sizes):
         problems.append(f"batch sizes must be positive, got {args.batch_sizes}")
-    if args.device != "cpu" or args.dtype != "float32":
-        elsewhere = [s for s in args.sections if s not in DEVICE_SECTIONS]
-        if elsewhere:
-            problems.append(
-                f"--device/--dtype apply to {', '.join(DEVICE_SECTIONS)} only; choose --sections without "
-                f"{', '.join(elsewhere)}"
-            )
-        try:
-            kind = torch.device(args.device).type
-        except RuntimeError:
-            problems.append(f"unknown device {args.device!r}")
-        else:
-            backend = getattr(torch, kind, None)
-            if kind != "cpu" and not (backend is not None and backend.is_available()):
-                problems.append(f"device {args.device!r} is not available on this machine")
-        # prepacked weights are oneDNN's float32 CPU layout: no such variant elsewhere
-        args.implementations = [i for i in args.implementations if i != PREPACKED]
+    problems += _check_device(args, chosen_implementations)
     if problems:
         raise ValueError("; ".join(problems))
     if OURS not in args.implementations:
         args.implementations = [OURS, *args.implementations]
     return args
+
+
+def _check_device(args, chosen_implementations: bool = False) -> list[str]:
+    """Problems with `--device`/`--dtype`; normalises `args.device` (`cpu:0` → `cpu`) and drops the prepacked
+    variant (oneDNN's float32 CPU layout) where it cannot run."""
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        return [f"unknown device {args.device!r} (cpu or cuda[:index])"]
+    if device.type not in ("cpu", "cuda"):
+        return [f"device {args.device!r}: the benchmarks time cpu or cuda devices"]
+    if device.type == "cpu":
+        args.device = "cpu"
+    elif not torch.cuda.is_available():
+        return [f"device {args.device!r} is not available on this machine (no CUDA device)"]
+    elif device.index is not None and device.index >= torch.cuda.device_count():
+        return [f"device {args.device!r} is not available on this machine ({torch.cuda.device_count()} CUDA devices)"]
+    if args.device == "cpu" and args.dtype == "float32":
+        return []
+    problems = []
+    elsewhere = [s for s in args.sections if s not in DEVICE_SECTIONS]
+    if elsewhere:
+        problems.append(
+            f"--device/--dtype apply to {', '.join(DEVICE_SECTIONS)} only; choose --sections without "
+            f"{', '.join(elsewhere)}"
+        )
+    if PREPACKED in args.implementations and chosen_implementations:
+        print(f"benchmarks: note: no {PREPACKED} row in {args.dtype} on {args.device} (its packs are oneDNN's float32 "
+              "CPU layout)", file=sys.stderr)
+    args.implementations = [i for i in args.implementations if i != PREPACKED]
+    return problems
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -269,7 +288,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args) -> int:
     started = time.perf_counter()
-    peak = gemm_peak_flops(seconds=0.5 if args.quick else 2.0, device=args.device, dtype=args.dtype)
+    try:
+        peak = gemm_peak_flops(seconds=0.5 if args.quick else 2.0, device=args.device, dtype=args.dtype)
+    except (RuntimeError, ValueError) as error:
+        print(f"benchmarks: error: GEMM peak on {args.device} in {args.dtype}: {error}", file=sys.stderr)
+        return 1
     print(f"{args.dtype} GEMM peak on {args.device}: {peak / 1e9:.1f} GFLOP/s ({torch.get_num_threads()} CPU threads)",
           file=sys.stderr)
     context = Context(peak)
@@ -296,8 +319,11 @@ def _run(args) -> int:
             output["best_peer"] = best_peer(output["rows"])
             table += "\n\n" + best_peer_text(output["best_peer"])
         title = TITLES[name]
-        if name == "forward" and (args.dtype != "float32" or args.device != "cpu"):
-            title = f"Forward throughput ({args.dtype} on {args.device})"
+        if args.dtype != "float32" or args.device != "cpu":
+            if name == "forward":
+                title = f"Forward throughput ({args.dtype} on {args.device})"
+            elif name == "training":
+                title += f" ({args.device}, autocast to {args.dtype}, float32 weights)"
         tables.append(f"### {title}\n\n{table}")
         output["wall_s"] = time.perf_counter() - section_start
         result["sections"][name] = output
@@ -319,7 +345,11 @@ def render(result: dict, tables: list[str]) -> str:
     settings = result["settings"]
     device, dtype = settings.get("device", "cpu"), settings.get("dtype", "float32")
     if device != "cpu" or dtype != "float32":
-        header += f"forward and training in {dtype} on {machine.get('device_name', device)}; {dtype} "
+        gpu = machine.get("device_name")
+        if gpu:
+            header = (f"On {gpu} (CUDA {machine.get('cuda')}, compute capability {machine.get('compute_capability')}), "
+                      "host: " + header[len("Measured on "):])
+        header += f"{dtype} on {device} (training: autocast, float32 weights); {dtype} "
     else:
         header += "fp32 "
     header += (

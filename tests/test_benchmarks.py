@@ -30,7 +30,7 @@ from benchmarks.common import (  # noqa: E402
     time_alternating,
     to_transformers,
 )
-from benchmarks.run import SECTIONS, main  # noqa: E402
+from benchmarks.run import SECTIONS, main, parse_args  # noqa: E402
 from vit_registers import ViTRegistersConfig, ViTRegistersModel  # noqa: E402
 
 TINY = ["--quick", "--archs", "tiny", "--image-sizes", "28", "--batch-sizes", "2", "--attention-sizes", "28,42",
@@ -276,6 +276,14 @@ def test_forward_and_training_in_bfloat16_check_parity_in_float32_then_cast(tmp_
     assert {r["implementation"] for r in result["sections"]["training"]["rows"]} == set(training.IMPLEMENTATIONS)
     printed = capsys.readouterr().out
     assert "### Forward throughput (bfloat16 on cpu)" in printed and "bfloat16 GEMM peak" in printed
+    assert "### Training step: forward + backward + AdamW (cpu, autocast to bfloat16, float32 weights)" in printed
+
+    # `cpu:0` is the CPU in float32: the default run, prepacked row included; an explicitly chosen prepacked row in
+    # bfloat16 is dropped with a note
+    args = parse_args(["--device", "cpu:0"])
+    assert args.device == "cpu" and PREPACKED in args.implementations
+    args = parse_args(["--dtype", "bfloat16", "--sections", "forward", "--implementations", f"{OURS},{PREPACKED}"])
+    assert args.implementations == [OURS] and "no vit-registers+prepacked row" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
@@ -284,7 +292,8 @@ def test_forward_and_training_in_bfloat16_check_parity_in_float32_then_cast(tmp_
         (["--dtype", "bfloat16", "--sections", "forward,memory"], "apply to forward, training only"),
         (["--device", "nonsense"], "unknown device 'nonsense'"),
         (["--device", "cuda", "--sections", "forward"], "device 'cuda' is not available"),
-        (["--dtype", "float64"], "invalid choice"),
+        (["--device", "mps", "--sections", "forward"], "the benchmarks time cpu or cuda devices"),
+        (["--dtype", "float16"], "invalid choice"),
     ],
 )
 def test_device_and_dtype_arguments_exit_2_with_one_message(argv, message, capsys):
