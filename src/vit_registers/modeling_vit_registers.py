@@ -458,47 +458,57 @@ def _inference_weight(linear: nn.Linear) -> torch.Tensor:
 def onednn_linear(
     inputs: torch.Tensor, linear: nn.Linear, post_op: str = "none", algorithm: str = "", plain: bool = False
 ) -> torch.Tensor:
-    """`post_op(linear(inputs))` as one oneDNN product; with gradients enabled only `post_op="none"` (differentiable).
-    `plain`: ATen's product instead (`OneDNNPolicy.min_inference_work`), without post-op."""
+    """`post_op(linear(inputs))` as one oneDNN product (see `onednn_product`), from the packed weight where `linear`
+    has one. `plain`: ATen's product instead (`OneDNNPolicy.min_inference_work`), without post-op."""
     if plain:
         if post_op != "none":
             raise ValueError("a plain product has no post-op: apply the activation after it")
         return F.linear(inputs, linear.weight, linear.bias)
-    if torch.is_grad_enabled():
-        if post_op != "none":
-            raise ValueError("oneDNN post-ops have no gradient: apply the activation after the product")
-        return _OneDNNLinearFunction.apply(inputs, linear.weight, linear.bias)
-    if torch.compiler.is_compiling():
-        return _COMPILED_LINEAR(inputs, linear.weight, linear.bias, post_op, algorithm)
-    return _ONEDNN_LINEAR(inputs, _inference_weight(linear), linear.bias, post_op, [], algorithm)
+    return onednn_product(inputs, _product_weight(linear), linear.bias, post_op=post_op, algorithm=algorithm)
 
 
 def onednn_linear_add(
     inputs: torch.Tensor, residual: torch.Tensor, linear: nn.Linear, plain: bool = False
 ) -> torch.Tensor:
-    """`residual + linear(inputs)` as one oneDNN product, the residual added in its epilogue (no gradients).
-    `plain`: ATen's product, then the residual added in place on its output."""
+    """`residual + linear(inputs)` as one oneDNN product, the residual added in its epilogue (see `onednn_product`).
+    `plain`: ATen's product, then the residual added in place on its output (no gradients)."""
     if plain:
         return F.linear(inputs, linear.weight, linear.bias).add_(residual)
-    if torch.compiler.is_compiling():
-        return _COMPILED_LINEAR_ADD(inputs, residual, linear.weight, linear.bias)
-    return _ONEDNN_LINEAR.binary(inputs, residual, _inference_weight(linear), linear.bias, "add")
+    return onednn_product(inputs, _product_weight(linear), linear.bias, residual)
+
+
+def _product_weight(linear: nn.Linear) -> torch.Tensor:
+    """The weight a oneDNN product of `linear` reads: the packed copy for eager products without gradients (see
+    `_inference_weight`), the parameter itself for differentiable and compiled ones."""
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return linear.weight
+    return _inference_weight(linear)
 
 
 def onednn_product(
-    inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None = None
+    inputs: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    residual: torch.Tensor | None = None,
+    post_op: str = "none",
+    algorithm: str = "",
 ) -> torch.Tensor:
-    """`residual + F.linear(inputs, weight, bias)` (without `residual`: the product alone) as one oneDNN product of
-    an explicit weight (e.g. one with LayerScale folded in): differentiable with gradients, the opaque custom ops
-    under torch.compile without them."""
+    """`post_op(F.linear(inputs, weight, bias))`, or `residual + F.linear(inputs, weight, bias)`, as one oneDNN
+    product of an explicit weight (a parameter, its packed copy, or one with LayerScale folded in): differentiable
+    with gradients (`post_op="none"` only), the opaque custom ops under torch.compile without them, PyTorch's oneDNN
+    op otherwise."""
+    if residual is not None and post_op != "none":
+        raise ValueError("a oneDNN product takes either a post-op or a residual, not both")
     if torch.is_grad_enabled():
+        if post_op != "none":
+            raise ValueError("oneDNN post-ops have no gradient: apply the activation after the product")
         return _OneDNNLinearFunction.apply(inputs, weight, bias, residual)
     if torch.compiler.is_compiling():
         if residual is None:
-            return _COMPILED_LINEAR(inputs, weight, bias, "none", "")
+            return _COMPILED_LINEAR(inputs, weight, bias, post_op, algorithm)
         return _COMPILED_LINEAR_ADD(inputs, residual, weight, bias)
     if residual is None:
-        return _ONEDNN_LINEAR(inputs, weight, bias, "none", [], "")
+        return _ONEDNN_LINEAR(inputs, weight, bias, post_op, [], algorithm)
     return _ONEDNN_LINEAR.binary(inputs, residual, weight, bias, "add")
 
 
