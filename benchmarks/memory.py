@@ -107,6 +107,18 @@ def measure(spec: dict, timeout: float = 900) -> dict:
     return payload
 
 
+def measure_alternating(implementations, repeats: int, **spec) -> dict[str, list[dict]]:
+    """`{implementation: [result of each fresh worker]}` for one case `spec`; the implementations alternate, the
+    order rotating every round."""
+    names = list(implementations)
+    samples: dict[str, list[dict]] = {name: [] for name in names}
+    for round_index in range(repeats):
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            samples[name].append(measure(dict(spec, implementation=name)))
+    return samples
+
+
 def run(args, context) -> dict:
     """Inference memory for every forward case and implementation; the implementations alternate per round and the
     median over `--memory-repeats` fresh processes is kept."""
@@ -117,15 +129,10 @@ def run(args, context) -> dict:
     for arch in args.archs:
         for image_size in args.image_sizes:
             for batch_size in args.batch_sizes:
-                samples: dict[str, list[dict]] = {name: [] for name in args.implementations}
-                for round_index in range(args.memory_repeats):
-                    names = list(args.implementations)
-                    shift = round_index % len(names)
-                    for name in names[shift:] + names[:shift]:
-                        samples[name].append(measure(dict(
-                            kind="inference", implementation=name, arch=arch, image_size=image_size,
-                            batch_size=batch_size, seed=args.seed, threads=threads,
-                        )))
+                samples = measure_alternating(
+                    args.implementations, args.memory_repeats, kind="inference", arch=arch, image_size=image_size,
+                    batch_size=batch_size, seed=args.seed, threads=threads,
+                )
                 case_rows = case_memory_rows(
                     "memory", samples, "inference_mb", arch=arch, image_size=image_size, batch_size=batch_size
                 )
@@ -145,15 +152,10 @@ def run_training(args, context) -> dict:
     threads = args.threads or torch.get_num_threads()
     image_size, batch_size = args.training_image_size, args.training_batch_size
     for arch in args.archs:
-        samples: dict[str, list[dict]] = {name: [] for name in TRAINING_IMPLEMENTATIONS}
-        for round_index in range(args.memory_repeats):
-            names = list(TRAINING_IMPLEMENTATIONS)
-            shift = round_index % len(names)
-            for name in names[shift:] + names[:shift]:
-                samples[name].append(measure(dict(
-                    kind="training", implementation=name, arch=arch, image_size=image_size, batch_size=batch_size,
-                    seed=args.seed, threads=threads,
-                )))
+        samples = measure_alternating(
+            TRAINING_IMPLEMENTATIONS, args.memory_repeats, kind="training", arch=arch, image_size=image_size,
+            batch_size=batch_size, seed=args.seed, threads=threads,
+        )
         case_rows = case_memory_rows(
             "training-memory", samples, "step_mb", arch=arch, image_size=image_size, batch_size=batch_size
         )
@@ -252,6 +254,19 @@ def format_conversion_table(rows: list[dict]) -> str:
 # ----------------------------------------------------------------------------------------------------------------------
 # Worker side
 # ----------------------------------------------------------------------------------------------------------------------
+def start_measurement() -> tuple[int | None, str, float]:
+    """`(baseline RSS, peak method, start time)` right before the measured work: garbage collected, the kernel's
+    peak-RSS counter reset where it can be."""
+    import time
+
+    from .common import reset_peak_rss, rss_now_bytes
+
+    gc.collect()
+    baseline = rss_now_bytes()
+    method = "VmHWM after clear_refs" if reset_peak_rss() else "ru_maxrss (whole process)"
+    return baseline, method, time.perf_counter()
+
+
 def _worker(spec: dict) -> dict:
     import time
 
@@ -261,7 +276,7 @@ def _worker(spec: dict) -> dict:
 
     import vit_registers  # noqa: F401
 
-    from .common import build_models, last_tokens, peak_rss_bytes, reset_peak_rss, rss_now_bytes
+    from .common import build_models, last_tokens, peak_rss_bytes, rss_now_bytes
 
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
@@ -278,35 +293,23 @@ def _worker(spec: dict) -> dict:
         x = torch.randn(spec["batch_size"], 3, size, size, generator=torch.Generator().manual_seed(spec["seed"]))
         with torch.inference_mode():
             forward(x)  # warm-up: one-time initialisation (kernel selection, thread pools) is not inference memory
-        gc.collect()
-        baseline = rss_now_bytes()
-        method = "VmHWM after clear_refs" if reset_peak_rss() else "ru_maxrss (whole process)"
-        start = time.perf_counter()
+        baseline, method, start = start_measurement()
         with torch.inference_mode():
             forward(x)  # the output is part of the peak, then freed
     elif kind == "training":
-        from .training import NUM_LABELS, build_classifiers, training_steps
+        from .training import build_classifiers, training_batch, training_steps
 
         name = spec["implementation"]
         model = build_classifiers(spec["arch"], spec["image_size"], spec["seed"], (name,))[name]
-        generator = torch.Generator().manual_seed(spec["seed"])
-        size = spec["image_size"]
-        x = torch.randn(spec["batch_size"], 3, size, size, generator=generator)
-        labels = torch.randint(0, NUM_LABELS, (spec["batch_size"],), generator=generator)
+        x, labels = training_batch(spec["batch_size"], spec["image_size"], spec["seed"])
         step = training_steps({name: model}, labels)[name]
         step(x)  # warm-up: the optimizer's state and the gradients exist from here on, as in any later step
-        gc.collect()
-        baseline = rss_now_bytes()
-        method = "VmHWM after clear_refs" if reset_peak_rss() else "ru_maxrss (whole process)"
-        start = time.perf_counter()
+        baseline, method, start = start_measurement()
         step(x)
     elif kind == "conversion":
         from vit_registers.conversion import convert
 
-        gc.collect()
-        baseline = rss_now_bytes()
-        method = "VmHWM after clear_refs" if reset_peak_rss() else "ru_maxrss (whole process)"
-        start = time.perf_counter()
+        baseline, method, start = start_measurement()
         model = convert("dinov2", spec["path"], arch=spec["arch"], **spec["overrides"])
         del model
     elif kind == "conversion-stages":  # RSS after each step that `convert` calls (wrapped where convert looks them up)

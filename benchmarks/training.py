@@ -74,9 +74,7 @@ def check_training_parity(
 ) -> dict[str, float]:
     """Max abs difference from ours of the logits and of the patch-embedding and classifier gradients (relative to
     their scale), in float32 on `device`; raise `ParityError` above `PARITY_ATOL`."""
-    generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(2, 3, image_size, image_size, generator=generator).to(device)
-    labels = torch.randint(0, NUM_LABELS, (2,), generator=generator).to(device)
+    x, labels = training_batch(2, image_size, seed, device)
     results = {}
     for name, model in models.items():
         model.zero_grad(set_to_none=True)
@@ -97,6 +95,15 @@ def check_training_parity(
         if not diff <= PARITY_ATOL:
             raise ParityError(f"{name} differs from {OURS} by {diff:.2e} > {PARITY_ATOL} (logits or gradients)")
     return differences
+
+
+def training_batch(batch_size: int, image_size: int, seed: int, device: str = "cpu"):
+    """`(pixel_values, labels)`: random images and labels drawn from `seed` (on the CPU, so every device gets the same
+    values), placed on `device`."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch_size, 3, image_size, image_size, generator=generator)
+    labels = torch.randint(0, NUM_LABELS, (batch_size,), generator=generator)
+    return x.to(device), labels.to(device)
 
 
 def training_steps(models: dict[str, torch.nn.Module], labels: torch.Tensor, dtype: str = "float32"):
@@ -127,9 +134,7 @@ def run(args, context) -> dict:
         for model in models.values():
             model.to(args.device)
         parity[f"{arch}@{image_size}"] = check_training_parity(models, image_size, args.seed, args.device)
-        generator = torch.Generator().manual_seed(args.seed)
-        x = torch.randn(batch_size, 3, image_size, image_size, generator=generator).to(args.device)
-        labels = torch.randint(0, NUM_LABELS, (batch_size,), generator=generator).to(args.device)
+        x, labels = training_batch(batch_size, image_size, args.seed, args.device)
         times = time_alternating(
             training_steps(models, labels, args.dtype), x, args.repeats, args.warmup, grad=True,
             max_seconds=args.max_case_seconds, sync=synchronizer(args.device),
