@@ -142,7 +142,7 @@ def run(args, context) -> dict:
 
 
 def run_training(args, context) -> dict:
-    """Memory of a training step (forward + backward + AdamW step of the classifier, as in the training section) for
+    """Memory of a training step (forward + backward + fused AdamW step of the classifier, as in the training section) for
     every arch and training implementation, one fresh process each; the median over `--memory-repeats` is kept."""
     import torch
 

@@ -10,7 +10,7 @@ Sections (`--sections`, default all):
   registers            FLOPs and img/s with 0, 1, 4, 16 registers (Darcet et al. 2024: < 2 % FLOPs for 4)
   memory               peak inference memory, one fresh process per implementation and case
   attention            last-layer attention maps, batch 1 at --attention-sizes
-  training             forward + backward + AdamW step of the classifier vs transformers
+  training             forward + backward + fused AdamW step of the classifier vs transformers
   training-memory      peak memory of that training step, one fresh process per implementation
   test-time-registers  throughput with test-time registers (Jiang et al. 2025) / plain forward, batch = last batch size
   conversion           peak RSS of converting an official DINOv2 .pth (ViT-L by default) as a multiple of its size
@@ -73,7 +73,7 @@ TITLES = {
     "registers": "Cost of registers",
     "memory": "Peak inference memory (fresh process per row)",
     "attention": "Last-layer attention maps (batch 1)",
-    "training": "Training step: forward + backward + AdamW",
+    "training": "Training step: forward + backward + fused AdamW",
     "training-memory": "Peak memory of a training step (fresh process per row)",
     "test-time-registers": "Test-time registers vs plain forward",
     "conversion": "Conversion memory (official DINOv2 .pth → ViTRegistersModel)",

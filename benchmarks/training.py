@@ -1,10 +1,11 @@
-"""Training step (forward + cross-entropy backward + AdamW step) of `ViTRegistersForImageClassification` against
+"""Training step (forward + cross-entropy backward + fused AdamW step) of `ViTRegistersForImageClassification` against
 transformers' `Dinov2WithRegistersForImageClassification` (sdpa and eager) on the same weights (issue 5).
 
 transformers' head is a linear layer on concat(CLS, mean of patch tokens) (DINOv2's linear probe), which is our
 `pooling="cls_mean"`; the backbone and the classifier weights are copied, so logits, loss and gradients agree before
-anything is timed. Each implementation has its own `torch.optim.AdamW` (same hyper-parameters, torch's default
-foreach implementation).
+anything is timed. Each implementation has its own `torch.optim.AdamW(fused=True)` (same hyper-parameters; the fused
+kernels are the default optimizer of transformers' `Trainer` and of `vit_registers.training.create_optimizer`; on a
+2-core CPU the step of ViT-S/14 takes 12 ms instead of 69 with torch's foreach default, the same for every row).
 """
 
 from __future__ import annotations
@@ -107,12 +108,12 @@ def training_batch(batch_size: int, image_size: int, seed: int, device: str = "c
 
 
 def training_steps(models: dict[str, torch.nn.Module], labels: torch.Tensor, dtype: str = "float32"):
-    """`{name: step(pixel_values)}`: zero_grad, forward with labels, backward, AdamW step. With another `dtype` than
+    """`{name: step(pixel_values)}`: zero_grad, forward with labels, backward, fused AdamW step. With another `dtype` than
     float32 the forward runs under autocast to it (mixed precision: float32 weights and optimizer)."""
     steps = {}
     precision = getattr(torch, dtype)
     for name, model in models.items():
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.05)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.05, fused=True)
 
         def step(x, model=model, optimizer=optimizer):
             optimizer.zero_grad(set_to_none=True)

@@ -276,7 +276,7 @@ def test_forward_and_training_in_bfloat16_check_parity_in_float32_then_cast(tmp_
     assert {r["implementation"] for r in result["sections"]["training"]["rows"]} == set(training.IMPLEMENTATIONS)
     printed = capsys.readouterr().out
     assert "### Forward throughput (bfloat16 on cpu)" in printed and "bfloat16 GEMM peak" in printed
-    assert "### Training step: forward + backward + AdamW (cpu, autocast to bfloat16, float32 weights)" in printed
+    assert "### Training step: forward + backward + fused AdamW (cpu, autocast to bfloat16, float32 weights)" in printed
 
     # `cpu:0` is the CPU in float32: the default run, prepacked row included; an explicitly chosen prepacked row in
     # bfloat16 is dropped with a note

@@ -189,6 +189,35 @@ def test_parameter_groups_no_decay_on_tokens_norms_biases_and_layer_decay():
         parameter_groups(model, 1.0, layer_decay=0.0)
 
 
+def test_create_optimizer_takes_the_fused_adamw_where_torch_has_it_with_the_same_updates():
+    """Fused AdamW (transformers' `Trainer` default) on the CPU, foreach on a device without fused kernels or when
+    asked; the same layer-decay groups and, after 5 steps, the same weights as the foreach one within 1e-5 (float32
+    rounding, amplified where a gradient is near AdamW's eps; one step moves a weight by up to 1e-3)."""
+    def build():
+        torch.manual_seed(0)
+        return ViTRegistersForImageClassification(ViTRegistersConfig(**TINY, num_register_tokens=2, num_labels=3))
+
+    x, labels = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1)), torch.tensor([0, 1, 2, 0])
+    weights = {}
+    for fused in (None, False):
+        model = build()
+        optimizer = create_optimizer(model, learning_rate=1e-3, weight_decay=0.1, layer_decay=0.5, fused=fused)
+        assert optimizer.defaults["fused"] is (fused is None)
+        assert [g["lr"] for g in optimizer.param_groups] == [g["lr"] for g in parameter_groups(model, 1e-3, 0.1, 0.5)]
+        for _ in range(5):
+            optimizer.zero_grad()
+            model(pixel_values=x, labels=labels).loss.backward()
+            optimizer.step()
+        weights[fused] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    initial = build().state_dict()
+    for key, value in weights[None].items():
+        assert (value - weights[False][key]).abs().max() <= 1e-5, key
+    assert (weights[None]["classifier.weight"] - initial["classifier.weight"]).abs().max() > 1e-3  # they moved
+
+    on_meta = ViTRegistersForImageClassification(ViTRegistersConfig(**TINY, num_labels=3)).to("meta")
+    assert not create_optimizer(on_meta, learning_rate=1e-3).defaults["fused"]  # meta has no fused kernels
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Registers
 

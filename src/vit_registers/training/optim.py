@@ -87,11 +87,31 @@ def create_optimizer(
     layer_decay: float = 1.0,
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
+    fused: bool | None = None,
 ) -> torch.optim.AdamW:
-    """AdamW over :func:`parameter_groups` (group ``names`` are kept for inspection; AdamW ignores them)."""
-    return torch.optim.AdamW(
-        parameter_groups(model, learning_rate, weight_decay, layer_decay), lr=learning_rate, betas=betas, eps=eps
-    )
+    """AdamW over :func:`parameter_groups` (group ``names`` are kept for inspection; AdamW ignores them).
+
+    ``fused=None`` takes torch's fused AdamW where it supports every parameter (floating point, on the CPU, CUDA or
+    another device with fused kernels; the default of transformers' `Trainer`, ``adamw_torch_fused``) and the
+    foreach implementation otherwise; ``True`` insists on the fused one, ``False`` never takes it. The two give the
+    same updates up to rounding; the fused step is several times faster on a CPU (README, benchmarks).
+    """
+    groups = parameter_groups(model, learning_rate, weight_decay, layer_decay)
+    options = dict(lr=learning_rate, betas=betas, eps=eps)
+    if fused is None:  # torch checks this only at the first step, so ask before
+        devices = _fused_adamw_devices()
+        parameters = [p for group in groups for p in group["params"]]
+        fused = all(torch.is_floating_point(p) and p.device.type in devices for p in parameters)
+    return torch.optim.AdamW(groups, **options, fused=fused)
+
+
+def _fused_adamw_devices() -> set[str]:
+    """Device types with torch's fused AdamW kernels."""
+    try:
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+    except ImportError:  # a torch without the private helper: the devices every recent torch supports
+        return {"cpu", "cuda"}
+    return set(_get_fused_kernels_supported_devices())
 
 
 def create_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int):
