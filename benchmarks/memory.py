@@ -142,8 +142,8 @@ def run(args, context) -> dict:
 
 
 def run_training(args, context) -> dict:
-    """Memory of a training step (forward + backward + fused AdamW step of the classifier, as in the training section) for
-    every arch and training implementation, one fresh process each; the median over `--memory-repeats` is kept."""
+    """Memory of a training step (forward + backward + fused AdamW step of the classifier, as in the training section)
+    for every arch and training implementation, one fresh process each; the median over `--memory-repeats` is kept."""
     import torch
 
     from .training import IMPLEMENTATIONS as TRAINING_IMPLEMENTATIONS

@@ -109,8 +109,8 @@ def training_batch(batch_size: int, image_size: int, seed: int, device: str = "c
 
 
 def training_steps(models: dict[str, torch.nn.Module], labels: torch.Tensor, dtype: str = "float32"):
-    """`{name: step(pixel_values)}`: zero_grad, forward with labels, backward, fused AdamW step. With another `dtype` than
-    float32 the forward runs under autocast to it (mixed precision: float32 weights and optimizer)."""
+    """`{name: step(pixel_values)}`: zero_grad, forward with labels, backward, fused AdamW step. With another `dtype`
+    than float32 the forward runs under autocast to it (mixed precision: float32 weights and optimizer)."""
     steps = {}
     precision = getattr(torch, dtype)
     for name, model in models.items():
