@@ -149,8 +149,8 @@ def run(args, context) -> dict:
 
 def format_table(rows: list[dict]) -> str:
     body = [
-        [arch_label(r["arch"]), f"{r['image_size']}²", r["batch_size"], r["implementation"],
-         f"{r['items_per_s']:.2f}", f"{r['median_s']:.3f}", ratio_text(r["ratio_ours_over_this"], r.get("ratio_quartiles"))]
+        [arch_label(r["arch"]), f"{r['image_size']}²", r["batch_size"], r["implementation"], f"{r['items_per_s']:.2f}",
+         f"{r['median_s']:.3f}", ratio_text(r["ratio_ours_over_this"], r.get("ratio_quartiles"))]
         for r in rows
     ]
     return markdown_table(
