@@ -321,13 +321,19 @@ def time_alternating(
                     break
         times: dict[str, list[float]] = {name: [] for name in names}
         for round_index in range(rounds):
-            shift = round_index % len(names)
-            for name in names[shift:] + names[:shift]:
+            for name in round_order(names, round_index):
                 t0 = time.perf_counter()
                 functions[name](x)
                 sync()
                 times[name].append(time.perf_counter() - t0)
     return times
+
+
+def round_order(names: list[str], round_index: int) -> list[str]:
+    """The order in which alternating implementations run in round `round_index`: `names` rotated by one place per
+    round, so that none always runs first (after a cold cache) or right after the same neighbour."""
+    shift = round_index % len(names)
+    return names[shift:] + names[:shift]
 
 
 def paired_ratios(samples: list[float], reference: list[float]) -> list[float]:

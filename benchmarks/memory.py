@@ -31,7 +31,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .common import IMPLEMENTATIONS, OURS, arch_label, markdown_table, ratio_text
+from .common import IMPLEMENTATIONS, OURS, arch_label, markdown_table, ratio_text, round_order
 
 ROOT = Path(__file__).resolve().parents[1]
 MB = 2**20
@@ -113,8 +113,7 @@ def measure_alternating(implementations, repeats: int, **spec) -> dict[str, list
     names = list(implementations)
     samples: dict[str, list[dict]] = {name: [] for name in names}
     for round_index in range(repeats):
-        shift = round_index % len(names)
-        for name in names[shift:] + names[:shift]:
+        for name in round_order(names, round_index):
             samples[name].append(measure(dict(spec, implementation=name)))
     return samples
 
