@@ -151,25 +151,6 @@ def test_position_embedding_resampling_is_identity_at_the_stored_grid():
     torch.testing.assert_close(resized.permute(0, 2, 3, 1).reshape(1, 4, -1), stored, atol=0, rtol=0)
 
 
-@pytest.mark.parametrize(
-    "overrides,message",
-    [
-        (dict(hidden_size=30), "divisible by `num_attention_heads`"),
-        (dict(num_register_tokens=-1), "num_register_tokens"),
-        (dict(mlp_type="moe"), "mlp_type"),
-        (dict(pooling="max"), "pooling"),
-        (dict(use_cls_token=False, pooling="cls", cls_token_has_position_embedding=False), "needs a CLS token"),
-        (dict(image_size=10), "image_size"),
-        (dict(drop_path_rate=1.5), "drop_path_rate"),
-        (dict(patch_size=0), "patch_size"),
-        (dict(test_time_registers={"num_tokens": 1, "neurons": {"7": [0]}}), "layer 7"),
-    ],
-)
-def test_impossible_config_values_raise(overrides, message):
-    with pytest.raises(ValueError, match=message):
-        tiny_config(**overrides)
-
-
 def test_bad_inputs_name_the_problem():
     model = tiny_model()
     with pytest.raises(ValueError, match="1 channels but the model expects 3"):

@@ -26,6 +26,16 @@ AUTO_MAP = {
     "AutoBackbone": "modeling_vit_registers.ViTRegistersBackbone",
 }
 MLP_CHOICES = ("mlp", "swiglu")
+# Sizes a model needs to be at least 1 (0 is accepted by the config alone, see `ViTRegistersConfig.validate_values`).
+SIZE_FIELDS = ("patch_size", "num_channels", "hidden_size", "num_hidden_layers", "num_attention_heads")
+
+
+def _fail(message: str) -> None:
+    raise ValueError(f"ViTRegistersConfig: {message}")
+
+
+def _is_integer(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 class ViTRegistersConfig(BackboneConfigMixin, PretrainedConfig):
@@ -49,7 +59,8 @@ class ViTRegistersConfig(BackboneConfigMixin, PretrainedConfig):
         num_hidden_layers (`int`, defaults to 12):
             Number of transformer blocks.
         num_attention_heads (`int`, defaults to 12):
-            Attention heads per block; must divide `hidden_size`.
+            Attention heads per block; must divide `hidden_size` (checked when a model is built, see
+            `check_consistency`).
         mlp_ratio (`float`, defaults to 4.0):
             MLP width as a multiple of `hidden_size`, used when `intermediate_size` is not given. For SwiGLU the
             official DINOv2 rule applies: `(int(hidden_size * mlp_ratio * 2 / 3) + 7) // 8 * 8`.
@@ -188,7 +199,7 @@ class ViTRegistersConfig(BackboneConfigMixin, PretrainedConfig):
         super().__init__(**kwargs)
         self.stage_names = ["stem"] + [f"stage{i}" for i in range(1, num_hidden_layers + 1)]
         self.set_output_features_output_indices(out_features=out_features, out_indices=out_indices)
-        self._check_values()
+        self.validate()
 
     # ----------------------------------------------------------------------------------------------------------------
     @property
@@ -229,53 +240,90 @@ class ViTRegistersConfig(BackboneConfigMixin, PretrainedConfig):
             "patches": (slice(registers_end, end),),
         }
 
-    def _check_values(self) -> None:
-        def fail(message: str) -> None:
-            raise ValueError(f"ViTRegistersConfig: {message}")
+    # ----------------------------------------------------------------------------------------------------------------
+    # Checks. transformers 5 validates a config through `validate()` (its `@strict` configs run it at the end of
+    # `__init__`, and `save_pretrained` runs it on every config): each `validate_*` method checks one field at a time.
+    # Checks that relate two fields run when a model is built (`check_consistency`), so that a config can be written
+    # field by field, as with every transformers config (`ViTRegistersConfig(hidden_size=32)` keeps 12 heads until
+    # `num_attention_heads` is set too).
 
-        for name in ("patch_size", "num_channels", "hidden_size", "num_hidden_layers", "num_attention_heads"):
+    def validate(self) -> None:
+        """Run every `validate_*` method of this config (transformers' own and `validate_values`), resolved on this
+        class, so that overrides such as `validate_output_attentions` count (transformers' `validate()` calls the
+        base class's versions). Called at the end of `__init__` and by `save_pretrained`."""
+        for name in dir(type(self)):
+            if name.startswith("validate_"):
+                getattr(self, name)()
+
+    def validate_values(self) -> None:
+        """Per-field checks: types, choices and ranges that do not depend on another field. Sizes may be 0 here, as
+        in transformers' configs (its `positive_int` validator, its ConfigTester's `hidden_size=0`);
+        `check_consistency` asks for at least 1 where a model needs it."""
+        for name in SIZE_FIELDS + ("num_register_tokens",):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                fail(f"`{name}` must be a positive integer, got {value!r}.")
-        if self.hidden_size % self.num_attention_heads:
-            fail(
-                f"`hidden_size` ({self.hidden_size}) must be divisible by `num_attention_heads` "
-                f"({self.num_attention_heads})."
-            )
-        if not isinstance(self.num_register_tokens, int) or self.num_register_tokens < 0:
-            fail(f"`num_register_tokens` must be an integer >= 0, got {self.num_register_tokens!r}.")
+            if not _is_integer(value) or value < 0:
+                _fail(f"`{name}` must be an integer >= 0, got {value!r}.")
+        intermediate = self.intermediate_size
+        if intermediate is not None and (not _is_integer(intermediate) or intermediate < 0):
+            _fail(f"`intermediate_size` must be None or an integer >= 0, got {intermediate!r}.")
         sizes = self.image_size if isinstance(self.image_size, list) else [self.image_size]
-        if len(sizes) not in (1, 2) or any(not isinstance(s, int) or s < self.patch_size for s in sizes):
-            fail(f"`image_size` {self.image_size!r} must be one or two integers >= patch_size ({self.patch_size}).")
+        if len(sizes) not in (1, 2) or any(not _is_integer(size) or size < 0 for size in sizes):
+            _fail(f"`image_size` must be one or two integers >= 0, got {self.image_size!r}.")
         if self.mlp_type not in MLP_CHOICES:
-            fail(f"`mlp_type` must be one of {MLP_CHOICES}, got {self.mlp_type!r}.")
+            _fail(f"`mlp_type` must be one of {MLP_CHOICES}, got {self.mlp_type!r}.")
         if self.pooling not in POOLING_CHOICES:
-            fail(f"`pooling` must be one of {POOLING_CHOICES}, got {self.pooling!r}.")
-        if not self.use_cls_token and self.pooling != "mean":
-            fail(f"`pooling={self.pooling!r}` needs a CLS token; models without one (use_cls_token=False) pool 'mean'.")
-        if not self.use_cls_token and self.cls_token_has_position_embedding:
-            fail("`cls_token_has_position_embedding=True` needs `use_cls_token=True`.")
+            _fail(f"`pooling` must be one of {POOLING_CHOICES}, got {self.pooling!r}.")
         if self.mlp_ratio is not None and self.mlp_ratio <= 0:
-            fail(f"`mlp_ratio` must be > 0, got {self.mlp_ratio!r}.")
-        if self.intermediate_size is not None and (not isinstance(self.intermediate_size, int) or self.intermediate_size <= 0):
-            fail(f"`intermediate_size` must be a positive integer, got {self.intermediate_size!r}.")
+            _fail(f"`mlp_ratio` must be > 0, got {self.mlp_ratio!r}.")
         for name in ("drop_path_rate", "hidden_dropout_prob", "attention_probs_dropout_prob"):
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
-                fail(f"`{name}` must be in [0, 1), got {value!r}.")
+                _fail(f"`{name}` must be in [0, 1), got {value!r}.")
         if self.interpolate_offset < 0:
-            fail(f"`interpolate_offset` must be >= 0, got {self.interpolate_offset!r}.")
+            _fail(f"`interpolate_offset` must be >= 0, got {self.interpolate_offset!r}.")
         if self.layer_norm_eps <= 0:
-            fail(f"`layer_norm_eps` must be > 0, got {self.layer_norm_eps!r}.")
-        if self.test_time_registers is not None:
-            spec = self.test_time_registers
-            if not isinstance(spec, dict) or int(spec.get("num_tokens", 0)) < 0:
-                fail("`test_time_registers` must be a dict with `num_tokens` >= 0 and `neurons` {layer: [units]}.")
-            for layer, units in (spec.get("neurons") or {}).items():
-                if not 0 <= int(layer) < self.num_hidden_layers:
-                    fail(f"test-time register neurons name layer {layer}, the model has {self.num_hidden_layers}.")
-                if any(not 0 <= int(u) < self.mlp_hidden_size for u in units):
-                    fail(f"test-time register neurons of layer {layer} must lie in [0, {self.mlp_hidden_size}).")
+            _fail(f"`layer_norm_eps` must be > 0, got {self.layer_norm_eps!r}.")
+        spec = self.test_time_registers
+        if spec is not None and (
+            not isinstance(spec, dict)
+            or not _is_integer(spec.get("num_tokens", 0))
+            or spec.get("num_tokens", 0) < 0
+            or not isinstance(spec.get("neurons") or {}, dict)
+        ):
+            _fail("`test_time_registers` must be a dict with `num_tokens` >= 0 and `neurons` {layer: [units]}.")
+
+    def check_consistency(self) -> None:
+        """Every check a model needs before it is built: `validate()` (one field at a time), sizes of at least 1,
+        and the relations between fields (`hidden_size` divisible by `num_attention_heads`, images of at least one
+        patch, CLS-dependent options, test-time register neurons inside the model). Raises `ValueError` naming the
+        fields. Called by the model's constructor and by `set_test_time_registers`."""
+        self.validate()
+        for name in SIZE_FIELDS:
+            if getattr(self, name) < 1:
+                _fail(f"`{name}` must be a positive integer, got {getattr(self, name)!r}.")
+        if self.intermediate_size == 0:
+            _fail("`intermediate_size` must be a positive integer (or None to use `mlp_ratio`), got 0.")
+        if self.hidden_size % self.num_attention_heads:
+            _fail(
+                f"`hidden_size` ({self.hidden_size}) must be divisible by `num_attention_heads` "
+                f"({self.num_attention_heads})."
+            )
+        sizes = self.image_size if isinstance(self.image_size, list) else [self.image_size]
+        if any(size < self.patch_size for size in sizes):
+            _fail(f"`image_size` {self.image_size!r} must be at least `patch_size` ({self.patch_size}) on each side.")
+        if not self.use_cls_token and self.pooling != "mean":
+            _fail(
+                f"`pooling={self.pooling!r}` needs a CLS token; models without one (use_cls_token=False) pool 'mean'."
+            )
+        if not self.use_cls_token and self.cls_token_has_position_embedding:
+            _fail("`cls_token_has_position_embedding=True` needs `use_cls_token=True`.")
+        for layer, units in ((self.test_time_registers or {}).get("neurons") or {}).items():
+            if not 0 <= int(layer) < self.num_hidden_layers:
+                _fail(f"test-time register neurons name layer {layer}, the model has {self.num_hidden_layers}.")
+            if any(not 0 <= int(unit) < self.mlp_hidden_size for unit in units):
+                _fail(f"test-time register neurons of layer {layer} must lie in [0, {self.mlp_hidden_size}).")
+
+    _check_values = check_consistency  # the earlier name, still called by `set_test_time_registers`
 
     def validate_output_attentions(self):
         """Every attention backend of this model can return attention weights, so nothing to refuse."""

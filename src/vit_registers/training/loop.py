@@ -185,7 +185,7 @@ def resolve_model_source(config: FinetuneConfig) -> dict | str:
         if config.num_register_tokens is not None:
             scratch["num_register_tokens"] = config.num_register_tokens
         try:
-            ViTRegistersConfig(**scratch)
+            ViTRegistersConfig(**scratch).check_consistency()  # what building the model will check
         except (TypeError, ValueError) as error:
             raise SetupError(f"invalid model config {source!r}: {error}") from None
         return scratch
