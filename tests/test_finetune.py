@@ -121,29 +121,46 @@ def _max_diff(a, b):
 # Optimiser
 
 
-def test_training_images_are_converted_like_analysis_inputs(tmp_path):
-    """Transparent pixels become white (not black, PIL's plain convert) and 16-bit samples are rescaled to 8 bits,
-    whether the image comes as a PIL image, a path or a `datasets` dict of bytes."""
+def test_training_images_are_converted_by_the_analysis_to_rgb(tmp_path):
+    """RGBA images (alpha composited on white, not dropped as by PIL's plain convert) and 16-bit "I;16" images
+    (rescaled, not clipped) reach the training transforms exactly as `vit_registers.analysis.to_rgb` converts them,
+    whether they come as PIL images, paths or `datasets` dicts of bytes, through `TransformedDataset` and
+    `hf_transform` alike."""
     import io
 
     import numpy as np
     from PIL import Image
 
-    from vit_registers.analysis import to_rgb as analysis_to_rgb
-    from vit_registers.training.data import to_rgb
+    from vit_registers.analysis import to_rgb
+    from vit_registers.training import TransformedDataset, build_transforms, hf_transform
+    from vit_registers.training.data import training_image
+    from vit_registers.training.loop import default_image_processor
 
-    rgba = Image.new("RGBA", (4, 4), (10, 20, 30, 0))
-    path = tmp_path / "clear.png"
-    rgba.save(path)
-    buffer = io.BytesIO()
-    rgba.save(buffer, format="PNG")
-    for source in (rgba, path, str(path), {"bytes": buffer.getvalue(), "path": None}):
-        converted = to_rgb(source)
-        assert converted.mode == "RGB" and np.asarray(converted).min() == 255, source
-    assert np.asarray(rgba.convert("RGB")).max() == 30  # what the old conversion gave: the hidden colour
-    deep = Image.fromarray(np.full((3, 3), 65535, dtype=np.uint16))
-    assert np.asarray(to_rgb(deep)).min() == 255
-    assert np.array_equal(np.asarray(to_rgb(deep)), np.asarray(analysis_to_rgb(deep)))
+    generator = np.random.default_rng(0)
+    rgba = Image.fromarray(generator.integers(0, 256, (40, 36, 4), dtype=np.uint8), mode="RGBA")
+    deep = Image.fromarray(generator.integers(0, 65536, (40, 36), dtype=np.uint16))
+    assert deep.mode == "I;16"
+    for image in (rgba, deep):
+        expected = np.asarray(to_rgb(image))
+        assert not np.array_equal(expected, np.asarray(image.convert("RGB")))  # the conversion matters here
+        path = tmp_path / f"{image.mode.replace(';', '')}.png"
+        image.save(path)
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        for source in (image, path, str(path), {"bytes": buffer.getvalue(), "path": None}, {"path": str(path)}):
+            converted = training_image(source)
+            assert converted.mode == "RGB" and np.array_equal(np.asarray(converted), expected), (image.mode, source)
+
+    transform = build_transforms(default_image_processor(ViTRegistersConfig(**TINY)), train=False)
+    expected = [transform(to_rgb(image)) for image in (rgba, deep)]
+    dataset = TransformedDataset([{"image": rgba, "label": 0}, {"image": deep, "label": 1}], transform)
+    for index, pixels in enumerate(expected):
+        assert torch.equal(dataset[index]["pixel_values"], pixels)
+    batch = hf_transform(default_image_processor(ViTRegistersConfig(**TINY)), train=False)(
+        {"image": [rgba, deep], "label": [0, 1]}
+    )
+    for produced, pixels in zip(batch["pixel_values"], expected):
+        assert torch.equal(produced, pixels)
 
 
 def test_parameter_groups_no_decay_on_tokens_norms_biases_and_layer_decay():

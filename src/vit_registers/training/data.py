@@ -159,7 +159,7 @@ def _check_columns(dataset, image_column: str, label_column: str, where: str) ->
     feature = dataset.features[image_column]
     if not isinstance(feature, ImageFeature) and len(dataset):
         try:
-            to_rgb(dataset[0][image_column])
+            training_image(dataset[0][image_column])
         except Exception as error:  # noqa: BLE001
             raise DataError(f"column {image_column!r} of {where} does not hold images ({error}).") from None
 
@@ -229,17 +229,17 @@ def load_classification_data(
 # Transforms
 
 
-def to_rgb(image) -> Image.Image:
-    """An 8-bit PIL RGB image from a PIL image, a path or a `datasets` image dict, converted exactly as the analysis
-    converts its inputs (`vit_registers.analysis.images.to_rgb`: alpha on white, 16-bit and float images rescaled), so
-    a model is trained on what it is later analysed with."""
-    from ..analysis.images import to_rgb as pil_to_rgb
+def training_image(value) -> Image.Image:
+    """The 8-bit RGB PIL image of one dataset value (a PIL image, a path or a `datasets` image dict): opened here,
+    converted by the analysis' own `vit_registers.analysis.images.to_rgb` (alpha on white, 16-bit and float images
+    rescaled), so that a model is trained on what it is later analysed with."""
+    from ..analysis.images import to_rgb
 
-    if isinstance(image, dict):
-        image = Image.open(image["path"]) if image.get("bytes") is None else Image.open(io.BytesIO(image["bytes"]))
-    elif isinstance(image, (str, os.PathLike)):
-        image = Image.open(image)
-    return pil_to_rgb(image)
+    if isinstance(value, dict):
+        value = Image.open(value["path"]) if value.get("bytes") is None else Image.open(io.BytesIO(value["bytes"]))
+    elif isinstance(value, (str, os.PathLike)):
+        value = Image.open(value)
+    return to_rgb(value)
 
 
 def processor_geometry(image_processor) -> tuple[int | tuple[int, int], tuple[int, int]]:
@@ -319,7 +319,7 @@ class TransformedDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict:
         row = self.dataset[int(index)]
-        image = to_rgb(row["image"])
+        image = training_image(row["image"])
         if self.seed is None:
             pixels = self.transform(image)
         else:
@@ -343,7 +343,7 @@ def hf_transform(image_processor, train: bool, augment: bool = True) -> Callable
 
     def apply(batch: dict) -> dict:
         return {
-            "pixel_values": [transform(to_rgb(image)) for image in batch["image"]],
+            "pixel_values": [transform(training_image(image)) for image in batch["image"]],
             "labels": list(batch["label"]),
         }
 
@@ -360,4 +360,5 @@ __all__ = [
     "load_classification_data",
     "processor_geometry",
     "scan_image_folder",
+    "training_image",
 ]
