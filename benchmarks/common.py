@@ -27,9 +27,10 @@ ARCHS = {
 }
 ARCH_OVERRIDES = {"tiny": dict(embed_dim=64, depth=2, num_heads=1)}
 DEFAULT_ARCHS = ("S/14", "B/14")
-OURS = "vit-registers"
-PREPACKED = f"{OURS}+prepacked"  # our model after `prepack_weights()` (opt-in: a second copy of the block weights)
-IMPLEMENTATIONS = (OURS, PREPACKED, "transformers-sdpa", "transformers-eager", "timm")
+OURS = "vit-registers"  # the model as the package's commands run it: CPU kernels applied (`onednn.kernelize`)
+NO_KERNELS = f"{OURS}+no-kernels"  # the reference model file alone (what `trust_remote_code` users run)
+PREPACKED = f"{OURS}+prepacked"  # kernelized, after `onednn.prepack_weights()` (opt-in: a second copy of the weights)
+IMPLEMENTATIONS = (OURS, NO_KERNELS, PREPACKED, "transformers-sdpa", "transformers-eager", "timm")
 
 
 def is_ours(name: str) -> bool:
@@ -144,19 +145,25 @@ def to_transformers(ours: torch.nn.Module, attn_implementation: str) -> torch.nn
 
 
 def build_models(arch: str, image_size: int, seed: int, names=IMPLEMENTATIONS) -> dict[str, torch.nn.Module]:
-    """`{name: model}` on the same random weights, float32 on the CPU: ours (`ViTRegistersModel`, plain and with
-    prepacked weights), timm, transformers-{sdpa,eager}."""
+    """`{name: model}` on the same random weights, float32 on the CPU: ours (`ViTRegistersModel`: kernelized as the
+    package's commands run it, the reference without kernels, kernelized with prepacked weights), timm,
+    transformers-{sdpa,eager}."""
+    from vit_registers import onednn
     from vit_registers.conversion import convert
 
     timm_model = build_timm(arch, image_size, seed)
-    ours = convert("timm", timm_model.state_dict(), arch=ARCHS[arch]).eval()
+    reference = convert("timm", timm_model.state_dict(), arch=ARCHS[arch]).eval()
+    ours = copy.deepcopy(reference)
+    onednn.kernelize(ours)
     models: dict[str, torch.nn.Module] = {}
     for name in names:
         if name == OURS:
             models[name] = ours
+        elif name == NO_KERNELS:
+            models[name] = reference
         elif name == PREPACKED:
             models[name] = copy.deepcopy(ours)  # the packs belong to this copy only
-            models[name].prepack_weights()
+            onednn.prepack_weights(models[name])
         elif name == "timm":
             models[name] = timm_model
         elif name.startswith("transformers-"):
@@ -414,8 +421,8 @@ def allocator_text() -> str:
 
 
 def onednn_text() -> str:
-    """The parts of this project's oneDNN CPU path used on this CPU (`onednn_policy`), for the report header."""
-    from vit_registers.modeling_vit_registers import onednn_policy
+    """The parts of this project's oneDNN CPU kernels used on this CPU (`onednn_policy`), for the report header."""
+    from vit_registers.onednn import onednn_policy
 
     policy = onednn_policy()
     if not torch.backends.mkldnn.enabled or not policy.inference:

@@ -37,7 +37,7 @@ def build_classifiers(arch: str, image_size: int, seed: int, names=IMPLEMENTATIO
     """`{name: classifier}` with the same backbone and head weights, in train mode."""
     from transformers import Dinov2WithRegistersForImageClassification
 
-    from vit_registers import ViTRegistersForImageClassification
+    from vit_registers import ViTRegistersForImageClassification, onednn
 
     backbone = build_models(arch, image_size, seed, (OURS,))[OURS]
     config = backbone.config.__class__.from_dict(
@@ -51,6 +51,7 @@ def build_classifiers(arch: str, image_size: int, seed: int, names=IMPLEMENTATIO
         return state
 
     ours = build_on_meta(ViTRegistersForImageClassification, config, ours_state)
+    onednn.kernelize(ours)  # as scripts/finetune.py trains on the CPU
     models = {OURS: ours.train()}
     for name in names:
         if name == OURS:

@@ -266,3 +266,37 @@ def test_torch_export_with_dynamic_height_and_width():
         expected = Wrapper(model)(pixels)
         for got, want in zip(exported.module()(pixels), expected):
             torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+def test_hub_code_files_use_only_public_torch_apis():
+    """The files `save_pretrained` copies next to the weights (what every `trust_remote_code` user downloads) hold
+    no device dispatch and nothing private of torch: no `torch.ops`, no `mkldnn`, no `torch._*` module or attribute.
+    Device kernels live in `vit_registers.onednn`, which these files never import."""
+    import ast
+    from pathlib import Path
+
+    import vit_registers
+
+    package = Path(vit_registers.__file__).parent
+    torch_names = {"torch", "F", "nn", "init"}
+    for name in ("modeling_vit_registers.py", "configuration_vit_registers.py"):
+        source = (package / name).read_text()
+        assert "mkldnn" not in source and "onednn" not in source.replace("vit_registers.onednn", ""), name
+        tree = ast.parse(source)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                module = node.module or ""
+                private = [part for part in module.split(".") if part.startswith("_") and part != "__future__"]
+                assert not private, (name, module)
+                assert node.level == 0 or module == "configuration_vit_registers", (name, module)
+                assert not module.startswith("vit_registers"), (name, module)
+            if isinstance(node, ast.Attribute):
+                chain, inner = [node.attr], node.value
+                while isinstance(inner, ast.Attribute):
+                    chain.append(inner.attr)
+                    inner = inner.value
+                if isinstance(inner, ast.Name) and inner.id in torch_names:
+                    chain.reverse()
+                    assert "ops" not in chain and not any(part.startswith("_") for part in chain), (name, chain)
+        lines = len(source.splitlines())
+        assert name != "modeling_vit_registers.py" or lines < 720, f"the model file grew to {lines} lines"

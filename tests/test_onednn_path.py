@@ -1,4 +1,5 @@
-"""The oneDNN CPU path of `ViTRegistersLayer` (`can_use_onednn` / `onednn_forward`).
+"""The oneDNN CPU kernel of `ViTRegistersLayer` (`vit_registers.onednn`: `kernelize`, `can_use_onednn`,
+`onednn_block_forward`).
 
 It must give the regular path's outputs on every token and the regular path's gradients on every parameter (float32
 rounding only), keep every output group intact, and step aside wherever it could change behaviour: hooks, replaced
@@ -13,10 +14,10 @@ import gc
 import pytest
 import torch
 
-from test_modeling import tiny_model
-from vit_registers import ViTRegistersForImageClassification, ViTRegistersModel
-from vit_registers import modeling_vit_registers
-from vit_registers.modeling_vit_registers import _ONEDNN_LINEAR, OneDNNPolicy, ViTRegistersLayer
+from test_modeling import tiny_model as reference_model
+from vit_registers import ViTRegistersForImageClassification, ViTRegistersModel, onednn
+from vit_registers.modeling_vit_registers import ViTRegistersLayer
+from vit_registers.onednn import _ONEDNN_LINEAR, OneDNNPolicy
 
 pytestmark = pytest.mark.skipif(
     _ONEDNN_LINEAR is None or not torch.backends.mkldnn.is_available(),
@@ -27,28 +28,35 @@ TOLERANCE = 2e-5
 EVERY_PART = OneDNNPolicy(inference=True, fused_activation=True, training=True)
 
 
+def tiny_model(*args, **kwargs):
+    """The tests' tiny model with its blocks kernelized (`onednn.kernelize`)."""
+    model = reference_model(*args, **kwargs)
+    assert onednn.kernelize(model) == model.config.num_hidden_layers
+    return model
+
+
 @pytest.fixture(autouse=True)
 def every_onednn_part(monkeypatch):
     """Every part of the oneDNN path on, whatever this CPU's policy, so that each is tested on every machine."""
-    monkeypatch.setattr(modeling_vit_registers, "onednn_policy", lambda: EVERY_PART)
+    monkeypatch.setattr(onednn, "onednn_policy", lambda: EVERY_PART)
 
 
 def count_onednn_calls(monkeypatch) -> list[int]:
     calls = [0]
-    original = ViTRegistersLayer.onednn_forward
+    original = onednn.onednn_block_forward
 
-    def counting(self, *args, **kwargs):
+    def counting(layer, *args, **kwargs):
         calls[0] += 1
-        return original(self, *args, **kwargs)
+        return original(layer, *args, **kwargs)
 
-    monkeypatch.setattr(ViTRegistersLayer, "onednn_forward", counting)
+    monkeypatch.setattr(onednn, "onednn_block_forward", counting)
     return calls
 
 
 def regular_and_onednn(model, pixels, **kwargs):
     with torch.no_grad():
         with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(modeling_vit_registers, "_onednn_path_available", lambda hidden_states: False)
+            patch.setattr(onednn, "_onednn_path_available", lambda hidden_states: False)
             regular = model(pixels, **kwargs)
         fused = model(pixels, **kwargs)
     return regular, fused
@@ -72,7 +80,7 @@ def regular_and_onednn(model, pixels, **kwargs):
 @pytest.mark.parametrize("fused_activation", [True, False], ids=["activation-fused", "activation-in-place"])
 def test_fused_path_matches_regular_path_on_every_token(overrides, fused_activation, monkeypatch):
     policy = OneDNNPolicy(inference=True, fused_activation=fused_activation, training=True)
-    monkeypatch.setattr(modeling_vit_registers, "onednn_policy", lambda: policy)
+    monkeypatch.setattr(onednn, "onednn_policy", lambda: policy)
     model = tiny_model(num_register_tokens=overrides.pop("num_register_tokens", 4), **overrides)
     calls = count_onednn_calls(monkeypatch)
     pixels = torch.randn(2, 3, 28, 42)
@@ -111,7 +119,7 @@ def test_classifier_logits_match_under_inference_mode(monkeypatch):
     calls = count_onednn_calls(monkeypatch)
     pixels = torch.randn(3, 3, 28, 28)
     with torch.no_grad(), pytest.MonkeyPatch.context() as patch:
-        patch.setattr(modeling_vit_registers, "_onednn_path_available", lambda hidden_states: False)
+        patch.setattr(onednn, "_onednn_path_available", lambda hidden_states: False)
         regular = model(pixels).logits
     with torch.inference_mode():
         fused = model(pixels).logits
@@ -145,7 +153,7 @@ def test_training_gradients_match_regular_path_on_every_parameter(overrides, mon
     loss, grads = loss_and_gradients(model, pixels, labels)
     assert calls[0] == model.config.num_hidden_layers
     with monkeypatch.context() as patch:
-        patch.setattr(modeling_vit_registers, "_onednn_path_available", lambda hidden_states: False)
+        patch.setattr(onednn, "_onednn_path_available", lambda hidden_states: False)
         torch.manual_seed(1)
         regular_loss, regular_grads = loss_and_gradients(model, pixels, labels)
     assert calls[0] == model.config.num_hidden_layers
@@ -161,13 +169,13 @@ def record_training_products(monkeypatch) -> list[tuple[bool, bool]]:
     """For every product of `_OneDNNLinearFunction`: (residual added in its epilogue, weight derived from the
     parameter, i.e. LayerScale folded in)."""
     seen = []
-    original = modeling_vit_registers._OneDNNLinearFunction.forward
+    original = onednn._OneDNNLinearFunction.forward
 
     def forward(ctx, inputs, weight, bias, residual=None):
         seen.append((residual is not None, not isinstance(weight, torch.nn.Parameter)))
         return original(ctx, inputs, weight, bias, residual)
 
-    monkeypatch.setattr(modeling_vit_registers._OneDNNLinearFunction, "forward", staticmethod(forward))
+    monkeypatch.setattr(onednn._OneDNNLinearFunction, "forward", staticmethod(forward))
     return seen
 
 
@@ -201,7 +209,7 @@ def test_training_folds_layerscale_and_fuses_the_residual_where_nothing_stands_b
         assert outputs == [(fused, folded)] * 2 * depth
     assert inputs == [(False, False)] * 2 * depth
     with monkeypatch.context() as patch:
-        patch.setattr(modeling_vit_registers, "_onednn_path_available", lambda hidden_states: False)
+        patch.setattr(onednn, "_onednn_path_available", lambda hidden_states: False)
         torch.manual_seed(1)
         regular_loss, regular_grads = loss_and_gradients(model, pixels, labels)
     torch.testing.assert_close(loss, regular_loss, atol=1e-5, rtol=0)
@@ -218,7 +226,7 @@ def test_double_backward_and_gradient_checkpointing_match_regular_path(monkeypat
     pixels, labels = torch.randn(2, 3, 28, 28), torch.tensor([1, 2])
     loss, grads = loss_and_gradients(model, pixels.clone(), labels, create_graph=True)
     with monkeypatch.context() as patch:
-        patch.setattr(modeling_vit_registers, "_onednn_path_available", lambda hidden_states: False)
+        patch.setattr(onednn, "_onednn_path_available", lambda hidden_states: False)
         regular_loss, regular_grads = loss_and_gradients(model, pixels.clone(), labels, create_graph=True)
     torch.testing.assert_close(loss, regular_loss, atol=1e-5, rtol=1e-5)
     for name, grad in grads.items():
@@ -266,11 +274,11 @@ def test_regular_path_wherever_the_onednn_one_could_change_behaviour(monkeypatch
     with torch.no_grad():
         replaced = model(pixels).last_hidden_state
         with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(modeling_vit_registers, "_onednn_path_available", lambda hidden_states: False)
+            patch.setattr(onednn, "_onednn_path_available", lambda hidden_states: False)
             expected = model(pixels).last_hidden_state
     torch.testing.assert_close(replaced, expected, atol=TOLERANCE, rtol=0)
     assert calls[0] == 2 * model.config.num_hidden_layers - 2
-    mlp.activation = modeling_vit_registers.ACT2FN[model.config.hidden_act]
+    mlp.activation = onednn.ACT2FN[model.config.hidden_act]
     calls[0] = model.config.num_hidden_layers - 1
 
     # a replaced forward (as accelerate's offloading hooks do) is respected too
@@ -285,6 +293,7 @@ def test_pretrained_default_model_agrees_between_paths():
     from vit_registers.pretrained import default_model_path
 
     model = ViTRegistersModel.from_pretrained(default_model_path(4))
+    onednn.kernelize(model)
     pixels = torch.randn(2, 3, *(g * model.config.patch_size for g in model.config.image_grid))
     regular, fused = regular_and_onednn(model.eval(), pixels)
     torch.testing.assert_close(fused.last_hidden_state, regular.last_hidden_state, atol=1e-4, rtol=0)
@@ -363,7 +372,7 @@ def test_monte_carlo_dropout_in_eval_mode_draws_the_regular_masks(grad, monkeypa
     fused = logits()
     assert calls[0] == model.config.num_hidden_layers
     with monkeypatch.context() as patch:
-        patch.setattr(modeling_vit_registers, "_onednn_path_available", lambda hidden_states: False)
+        patch.setattr(onednn, "_onednn_path_available", lambda hidden_states: False)
         regular = logits()
         torch.manual_seed(4)
         assert not torch.allclose(model(pixels).logits, regular)  # the masks do change the output
@@ -387,7 +396,7 @@ def test_replaced_layerscale_dropout_or_drop_path_modules_take_the_regular_path(
         replaced_logits = model(pixels).logits.detach()
     assert calls[0] == model.config.num_hidden_layers - 1  # the block with the replaced module went the regular way
     with monkeypatch.context() as patch:
-        patch.setattr(modeling_vit_registers, "_onednn_path_available", lambda hidden_states: False)
+        patch.setattr(onednn, "_onednn_path_available", lambda hidden_states: False)
         with torch.set_grad_enabled(grad):
             expected = model(pixels).logits.detach()
     torch.testing.assert_close(replaced_logits, expected, atol=TOLERANCE, rtol=0)
@@ -396,7 +405,7 @@ def test_replaced_layerscale_dropout_or_drop_path_modules_take_the_regular_path(
 @pytest.mark.parametrize("fused_activation", [True, False], ids=["activation-fused", "activation-in-place"])
 def test_compiled_inference_with_inductor_matches_eager_without_layerscale(fused_activation, monkeypatch):
     policy = OneDNNPolicy(inference=True, fused_activation=fused_activation, training=True)
-    monkeypatch.setattr(modeling_vit_registers, "onednn_policy", lambda: policy)
+    monkeypatch.setattr(onednn, "onednn_policy", lambda: policy)
     model = tiny_model(layerscale_value=None)  # the residual joins the product: the opaque linear_add op
     pixels = torch.randn(1, 3, 28, 28)
     with torch.no_grad():
@@ -417,20 +426,20 @@ def test_compiled_inference_with_inductor_matches_eager_without_layerscale(fused
 )
 def test_policy_follows_the_cpu_capability(capability, expected, monkeypatch):
     monkeypatch.undo()  # the real policy function, not the fixture's
-    monkeypatch.setattr(modeling_vit_registers, "_CPU_CAPABILITY", capability)
-    assert modeling_vit_registers.onednn_policy() == expected
+    monkeypatch.setattr(onednn, "_CPU_CAPABILITY", capability)
+    assert onednn.onednn_policy() == expected
 
 
 def record_products(monkeypatch) -> list[str]:
     """The post-op of every oneDNN product (`onednn_linear` calls), in call order."""
     post_ops = []
-    original = modeling_vit_registers.onednn_linear
+    original = onednn.onednn_linear
 
     def recording(inputs, linear, post_op="none", algorithm="", **kwargs):
         post_ops.append(post_op)
         return original(inputs, linear, post_op, algorithm, **kwargs)
 
-    monkeypatch.setattr(modeling_vit_registers, "onednn_linear", recording)
+    monkeypatch.setattr(onednn, "onednn_linear", recording)
     return post_ops
 
 
@@ -444,7 +453,7 @@ def test_each_policy_uses_only_its_parts_and_keeps_the_outputs(policy, monkeypat
     pixels, labels = torch.randn(2, 3, 28, 42), torch.tensor([1, 4])
     with torch.no_grad():
         regular = model(pixels).logits  # every part on (the fixture's policy)
-    monkeypatch.setattr(modeling_vit_registers, "onednn_policy", lambda: policy)
+    monkeypatch.setattr(onednn, "onednn_policy", lambda: policy)
     calls = count_onednn_calls(monkeypatch)
     post_ops = record_products(monkeypatch)
     with torch.no_grad():
@@ -472,13 +481,14 @@ def test_each_policy_uses_only_its_parts_and_keeps_the_outputs(policy, monkeypat
 # Prepacked weights (`prepack_weights`)
 # ----------------------------------------------------------------------------------------------------------------------
 def block_linears(model) -> list[torch.nn.Linear]:
-    return [linear for layer in model.modules() if isinstance(layer, ViTRegistersLayer) for linear in layer.products]
+    blocks = [module for module in model.modules() if isinstance(module, ViTRegistersLayer)]
+    return [linear for block in blocks for linear in onednn.products(block)]
 
 
 def record_weights(monkeypatch) -> list[bool]:
     """For every oneDNN product without gradients, whether its weight was a packed (opaque oneDNN) tensor."""
     packed = []
-    original = modeling_vit_registers._ONEDNN_LINEAR
+    original = onednn._ONEDNN_LINEAR
 
     class Recording:
         def __call__(self, inputs, weight, *args):
@@ -489,7 +499,7 @@ def record_weights(monkeypatch) -> list[bool]:
             packed.append(weight.is_mkldnn)
             return original.binary(inputs, other, weight, *args)
 
-    monkeypatch.setattr(modeling_vit_registers, "_ONEDNN_LINEAR", Recording())
+    monkeypatch.setattr(onednn, "_ONEDNN_LINEAR", Recording())
     return packed
 
 
@@ -501,11 +511,11 @@ def record_weights(monkeypatch) -> list[bool]:
 @pytest.mark.parametrize("fused_activation", [True, False], ids=["activation-fused", "activation-in-place"])
 def test_prepacked_weights_give_the_plain_outputs_on_every_token(overrides, fused_activation, monkeypatch):
     policy = OneDNNPolicy(inference=True, fused_activation=fused_activation, training=True)
-    monkeypatch.setattr(modeling_vit_registers, "onednn_policy", lambda: policy)
+    monkeypatch.setattr(onednn, "onednn_policy", lambda: policy)
     model = tiny_model(**overrides)
     pixels = torch.randn(2, 3, 28, 42)
     regular, plain = regular_and_onednn(model, pixels, output_hidden_states=True)
-    assert model.prepack_weights() == 4 * model.config.num_hidden_layers
+    assert onednn.prepack_weights(model) == 4 * model.config.num_hidden_layers
     weights = record_weights(monkeypatch)
     with torch.inference_mode():
         packed = model(pixels, output_hidden_states=True)
@@ -523,7 +533,7 @@ def test_prepacked_weights_follow_weight_changes(monkeypatch):
     each seen on the next forward pass, whose outputs match the plain path of the updated model."""
     model = tiny_model(ViTRegistersForImageClassification, num_labels=5)
     pixels, labels = torch.randn(2, 3, 28, 42), torch.tensor([1, 4])
-    model.prepack_weights()
+    onednn.prepack_weights(model)
     first = model.vit_registers.encoder.layer[0]
 
     def check():
@@ -555,8 +565,8 @@ def test_prepacked_weights_follow_weight_changes(monkeypatch):
 def test_prepack_weights_off_copies_and_saving(tmp_path, monkeypatch):
     model = tiny_model()
     linears = block_linears(model)
-    assert model.prepack_weights() == len(linears)
-    assert all(linear in modeling_vit_registers._PACKED_WEIGHTS for linear in linears)
+    assert onednn.prepack_weights(model) == len(linears)
+    assert all(linear in onednn._PACKED_WEIGHTS for linear in linears)
     pixels = torch.randn(1, 3, 28, 28)
     with torch.no_grad():
         expected = model(pixels).last_hidden_state
@@ -566,37 +576,38 @@ def test_prepack_weights_off_copies_and_saving(tmp_path, monkeypatch):
     reloaded = ViTRegistersModel.from_pretrained(tmp_path)
     clone = copy.deepcopy(model)
     for other in (reloaded, clone):
-        assert not any(linear in modeling_vit_registers._PACKED_WEIGHTS for linear in block_linears(other))
+        assert not any(linear in onednn._PACKED_WEIGHTS for linear in block_linears(other))
         with torch.no_grad():
             torch.testing.assert_close(other(pixels).last_hidden_state, expected, atol=TOLERANCE, rtol=0)
 
-    assert model.prepack_weights(enable=False) == 0
-    assert not any(linear in modeling_vit_registers._PACKED_WEIGHTS for linear in linears)
+    assert onednn.prepack_weights(model, enable=False) == 0
+    assert not any(linear in onednn._PACKED_WEIGHTS for linear in linears)
     weights = record_weights(monkeypatch)
     with torch.no_grad():
         model(pixels)
     assert weights and not any(weights)
 
-    model.prepack_weights()
-    count = len(modeling_vit_registers._PACKED_WEIGHTS)
+    onednn.prepack_weights(model)
+    gc.collect()  # earlier tests' kernelized models (a bound forward is a reference cycle) go with the cyclic collector
+    count = len(onednn._PACKED_WEIGHTS)
     del model, linears
     gc.collect()
-    assert len(modeling_vit_registers._PACKED_WEIGHTS) == count - len(block_linears(clone))  # dropped with the model
+    assert len(onednn._PACKED_WEIGHTS) == count - len(block_linears(clone))  # dropped with the model
 
 
 @pytest.mark.parametrize(
     "policy", [OneDNNPolicy(False, False, False), OneDNNPolicy(False, False, True)], ids=["off", "training-only"]
 )
 def test_prepack_weights_is_a_no_op_where_onednn_inference_is_off(policy, monkeypatch):
-    monkeypatch.setattr(modeling_vit_registers, "onednn_policy", lambda: policy)
+    monkeypatch.setattr(onednn, "onednn_policy", lambda: policy)
     model = tiny_model()
-    assert model.prepack_weights() == 0
-    assert not any(linear in modeling_vit_registers._PACKED_WEIGHTS for linear in block_linears(model))
+    assert onednn.prepack_weights(model) == 0
+    assert not any(linear in onednn._PACKED_WEIGHTS for linear in block_linears(model))
 
 
 def test_prepack_weights_leaves_other_dtypes_to_the_plain_path():
     model = tiny_model().to(torch.float64)
-    assert model.prepack_weights() == 0
+    assert onednn.prepack_weights(model) == 0
     with torch.no_grad():
         assert model(torch.randn(1, 3, 28, 28, dtype=torch.float64)).last_hidden_state.dtype == torch.float64
 
@@ -612,12 +623,12 @@ def test_small_inputs_take_aten_products_unless_the_weights_are_prepacked(monkey
         policy = OneDNNPolicy(True, False, False, min_inference_work=2 * tokens * model.config.hidden_size)
         layers = model.config.num_hidden_layers
         for size, prepacked, products in (("small", False, 0), ("large", False, 4 * layers), ("small", True, 4 * layers)):
-            model.prepack_weights(prepacked)
+            onednn.prepack_weights(model, prepacked)
             with pytest.MonkeyPatch.context() as patch:
-                patch.setattr(modeling_vit_registers, "onednn_policy", lambda: policy)
+                patch.setattr(onednn, "onednn_policy", lambda: policy)
                 calls = count_onednn_calls(patch)
                 in_place, gelu_ = [], torch.ops.aten.gelu_
-                patch.setitem(modeling_vit_registers._INPLACE_ACTIVATIONS, "gelu",
+                patch.setitem(onednn._INPLACE_ACTIVATIONS, "gelu",
                               lambda hidden: in_place.append(1) or gelu_(hidden))
                 weights = record_weights(patch)
                 regular, fused = regular_and_onednn(model, pixels[size])
@@ -625,8 +636,66 @@ def test_small_inputs_take_aten_products_unless_the_weights_are_prepacked(monkey
             assert len(weights) == products  # oneDNN products (none below the threshold without packs)
             assert all(weight == prepacked for weight in weights)
             torch.testing.assert_close(fused.last_hidden_state, regular.last_hidden_state, atol=TOLERANCE, rtol=0)
-    monkeypatch.setattr(modeling_vit_registers, "onednn_policy", lambda: policy)
+    monkeypatch.setattr(onednn, "onednn_policy", lambda: policy)
     model.train()  # the threshold is for inference only: training follows `policy.training` (off here)
     calls = count_onednn_calls(monkeypatch)
     model(pixels["large"])
     assert calls[0] == 0
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The hook: `kernelize`, `apply_cpu_kernels`, the kernel layer's shape
+# ----------------------------------------------------------------------------------------------------------------------
+def test_kernelize_binds_the_kernel_per_instance_and_reverts(monkeypatch):
+    model = reference_model(ViTRegistersForImageClassification, num_labels=5)
+    other = reference_model()
+    calls = count_onednn_calls(monkeypatch)
+    pixels = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        reference = model(pixels).logits
+    assert calls[0] == 0  # not kernelized: the reference forward
+    blocks = list(model.vit_registers.encoder.layer)
+    assert onednn.kernelize(model) == len(blocks)
+    assert all(onednn.is_kernelized(block) for block in blocks)
+    assert not any(onednn.is_kernelized(block) for block in other.encoder.layer)  # per instance, not per class
+    with torch.no_grad():
+        kernelized = model(pixels).logits
+    assert calls[0] == len(blocks)
+    torch.testing.assert_close(kernelized, reference, atol=TOLERANCE, rtol=0)
+    clone = copy.deepcopy(model)  # the bound forward follows the copy, not the original
+    assert all(block.forward.__self__ is block for block in clone.vit_registers.encoder.layer)
+    assert onednn.kernelize(model, enable=False) == len(blocks)
+    assert not any(onednn.is_kernelized(block) for block in blocks)
+    with torch.no_grad():
+        model(pixels)
+    assert calls[0] == len(blocks)  # back to the reference forward
+    onednn.kernelize(model)  # nothing of the kernel is state: the same keys as a model never kernelized
+    assert set(model.state_dict()) == set(reference_model(ViTRegistersForImageClassification, num_labels=5).state_dict())
+
+
+@pytest.mark.parametrize("setting, expected", [("", True), ("off", False), ("0", False), ("on", True)])
+def test_apply_cpu_kernels_follows_the_environment_and_the_device(setting, expected, monkeypatch):
+    monkeypatch.setenv("VIT_REGISTERS_CPU_KERNELS", setting)
+    model = reference_model()
+    layers = model.config.num_hidden_layers
+    assert onednn.apply_cpu_kernels(model) == (layers if expected else 0)
+    assert all(onednn.is_kernelized(block) == expected for block in model.encoder.layer)
+    monkeypatch.setattr(onednn, "onednn_policy", lambda: OneDNNPolicy(False, False, False))
+    assert onednn.apply_cpu_kernels(reference_model()) == 0  # a CPU without a measured gain keeps the reference
+    assert onednn.apply_cpu_kernels(reference_model().to("meta")) == 0  # not on the CPU
+
+
+def test_kernel_layer_has_the_shape_of_a_kernels_layer():
+    """What the `kernels` package checks before it swaps a layer's forward: the kernel layer keeps no state (no
+    constructor, no members beyond nn.Module's and the two capability flags) and its forward has the reference
+    signature; the block class carries transformers' kernel mark where `kernels` is installed."""
+    import inspect
+
+    layer = onednn.OneDNNViTRegistersLayer
+    assert layer.__init__ is torch.nn.Module.__init__
+    members = {name for name, _ in inspect.getmembers(layer)} - {name for name, _ in inspect.getmembers(torch.nn.Module)}
+    assert members == {"can_torch_compile", "has_backward"}
+    kernel, reference = (inspect.signature(cls.forward).parameters for cls in (layer, ViTRegistersLayer))
+    assert [(p.name, p.kind, p.default) for p in kernel.values()] == [
+        (p.name, p.kind, p.default) for p in reference.values()
+    ]

@@ -4,17 +4,21 @@ Sequence layout in every layer: ``[CLS] + registers + patches (+ test-time regis
 tokens without position embedding that every block processes and that the outputs return separately
 (`register_tokens`) instead of hiding them in `last_hidden_state`.
 
+The model is composed of small components, each chosen by a config value: patch embedding, learned position
+embeddings (resampled to any grid by `resample_position_embeddings`), attention (through transformers' attention
+interface), feed-forward (`mlp_type`: MLP or SwiGLU), LayerScale, drop path, the test-time-register edit, the block,
+and the pooling (`pooling`).
+
 This file is copied next to the weights by ``save_pretrained`` so that ``trust_remote_code=True`` works without the
-package: it may import only torch, transformers, the standard library and its sibling configuration file.
+package: it imports only torch (public APIs), transformers, the standard library and its sibling configuration file.
+Device-specific speed-ups live outside it: the block is marked for transformers' kernel convention
+(`use_kernel_forward_from_hub`), and `vit_registers.onednn.kernelize` swaps in a oneDNN CPU forward.
 """
 
 from __future__ import annotations
 
-import math
-import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -22,9 +26,9 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.modeling_outputs import BackboneOutput, ImageClassifierOutput
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput
 
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 try:
     from transformers.modeling_layers import GradientCheckpointingLayer
 except ImportError:  # pragma: no cover - transformers < 4.52
@@ -43,6 +47,14 @@ except ImportError:  # pragma: no cover
 
     def can_return_tuple(func):
         return func
+
+
+try:
+    from transformers.integrations import use_kernel_forward_from_hub
+except ImportError:  # pragma: no cover - transformers without the kernels integration
+
+    def use_kernel_forward_from_hub(layer_name):
+        return lambda cls: cls
 
 
 from .configuration_vit_registers import ViTRegistersConfig
@@ -70,10 +82,6 @@ class ViTRegistersModelOutput(ModelOutput):
     patch_tokens: torch.FloatTensor | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
-
-
-def _pair(value: int | Sequence[int]) -> tuple[int, int]:
-    return tuple(value) if isinstance(value, Iterable) else (value, value)
 
 
 class ViTRegistersPatchEmbeddings(nn.Module):
@@ -109,6 +117,30 @@ class ViTRegistersPatchEmbeddings(nn.Module):
         return self.projection(pixel_values).flatten(2).transpose(1, 2)
 
 
+def resample_position_embeddings(
+    patch_positions: torch.Tensor,
+    stored_grid: Sequence[int],
+    grid: Sequence[int],
+    offset: float = 0.0,
+    antialias: bool = True,
+) -> torch.Tensor:
+    """Resample `(1, rows * columns, dim)` patch position embeddings from `stored_grid` to `grid` (rows, columns).
+
+    Bicubic in float32, as official DINOv2: with `offset > 0` the grid is resampled by `scale_factor = (n + offset) /
+    M` (DINO's trick against rounding; official models without registers use 0.1), else to the output size directly.
+    Plain tensor operations on the sizes, so that `torch.export` keeps height and width symbolic.
+    """
+    (stored_height, stored_width), (height, width) = stored_grid, grid
+    dim = patch_positions.shape[-1]
+    image = patch_positions.float().reshape(1, stored_height, stored_width, dim).permute(0, 3, 1, 2)
+    if offset:
+        size = {"scale_factor": ((height + offset) / stored_height, (width + offset) / stored_width)}
+    else:
+        size = {"size": (height, width)}
+    resized = F.interpolate(image, mode="bicubic", align_corners=False, antialias=antialias, **size)
+    return resized.permute(0, 2, 3, 1).reshape(1, height * width, dim).to(patch_positions.dtype)
+
+
 class ViTRegistersEmbeddings(nn.Module):
     """Patch embeddings + position embeddings, then the CLS token and the register tokens (no position embedding)."""
 
@@ -130,34 +162,19 @@ class ViTRegistersEmbeddings(nn.Module):
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def interpolate_pos_encoding(self, grid_height: int, grid_width: int) -> torch.Tensor:
-        """Patch position embeddings for a `grid_height` x `grid_width` patch grid, `(1, h * w, hidden)`.
-
-        Bicubic resampling in float32, as official DINOv2: with `interpolate_offset > 0` the grid is resampled by
-        `scale_factor = (n + offset) / M` (DINO's trick against rounding), else to the output size directly.
-        """
-        patch_pos = self.position_embeddings[:, self.num_position_prefix :]
-        stored_height, stored_width = self.grid_size
-        offset = self.config.interpolate_offset
+        """Patch position embeddings for a `grid_height` x `grid_width` patch grid, `(1, h * w, hidden)`."""
+        patch_positions = self.position_embeddings[:, self.num_position_prefix :]
         # Official DINOv2 skips resampling at the stored grid. An exported graph must not branch on the input size,
         # so it always resamples: without offset that is an exact identity at the stored grid.
-        if not torch.compiler.is_exporting() and (grid_height, grid_width) == (stored_height, stored_width):
-            return patch_pos
-        dim = patch_pos.shape[-1]
-        grid = patch_pos.float().reshape(1, stored_height, stored_width, dim).permute(0, 3, 1, 2)
-        if offset:
-            scale = ((grid_height + offset) / stored_height, (grid_width + offset) / stored_width)
-            resized = F.interpolate(
-                grid, scale_factor=scale, mode="bicubic", align_corners=False, antialias=self.config.interpolate_antialias
-            )
-        else:
-            resized = F.interpolate(
-                grid,
-                size=(grid_height, grid_width),
-                mode="bicubic",
-                align_corners=False,
-                antialias=self.config.interpolate_antialias,
-            )
-        return resized.permute(0, 2, 3, 1).reshape(1, grid_height * grid_width, dim).to(patch_pos.dtype)
+        if not torch.compiler.is_exporting() and (grid_height, grid_width) == tuple(self.grid_size):
+            return patch_positions
+        return resample_position_embeddings(
+            patch_positions,
+            self.grid_size,
+            (grid_height, grid_width),
+            offset=self.config.interpolate_offset,
+            antialias=self.config.interpolate_antialias,
+        )
 
     def forward(self, pixel_values: torch.Tensor, bool_masked_pos: torch.Tensor | None = None) -> torch.Tensor:
         embeddings = self.patch_embeddings(pixel_values)
@@ -287,262 +304,6 @@ class ViTRegistersDropPath(nn.Module):
         return f"drop_prob={self.drop_prob}"
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# oneDNN path on the CPU. The block's four matrix products run in PyTorch's oneDNN kernels (`mkldnn._linear_pointwise`)
-# with the bias added in the product's epilogue, where `F.linear` first copies the bias into the output and then runs
-# MKL's GEMM; without gradients the MLP activation and (without LayerScale) the residual addition join the epilogue
-# too, saving a pass over memory each. Gradients go through `_OneDNNLinearFunction` (oneDNN forward, the usual products
-# backward), with LayerScale folded into the output products' weights and the residual in their epilogue; under
-# torch.compile without gradients the products are opaque custom ops and Inductor fuses the rest.
-# Used only where it changes nothing but speed: float32 on the CPU, no autocast, no hooks or replaced forwards on the
-# block's modules, plain `nn.Linear` weights, not in compiled training, export or tracing (plain ATen graphs there),
-# and `torch.backends.mkldnn.enabled`. oneDNN sums the products in another order than MKL, so results differ from the
-# plain path by float32 rounding only (tests compare every token and every gradient). Which parts are used depends on
-# the CPU's vector instructions (`onednn_policy`): each is on only for the instruction sets where it was measured faster
-# than the plain path.
-# ----------------------------------------------------------------------------------------------------------------------
-_ONEDNN_LINEAR = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
-
-
-class OneDNNPolicy(NamedTuple):
-    """Which parts of the oneDNN path a block uses."""
-
-    inference: bool  # products without gradients (bias, and without LayerScale the residual, in the epilogue)
-    fused_activation: bool  # the MLP activation in fc1's epilogue too (without gradients)
-    training: bool  # products with gradients (`_OneDNNLinearFunction`)
-    # oneDNN inference products only for blocks whose input has at least this many elements (token rows × width),
-    # unless the block's weights are prepacked: below it, oneDNN reordering the plain weight on every call costs more
-    # than its kernel gains, so the block takes ATen's products and keeps the rest of its fused path
-    min_inference_work: int = 0
-
-
-# by ATen's CPU capability (`torch.backends.cpu.get_cpu_capability()`), from ViT-S/B/14 forward and training steps
-# against the plain path on 2-core EPYC VMs (benchmarks/, README). AVX-512 (measured on Zen 4; applied to every CPU
-# with AVX-512, Intel's included): gains in all three. AVX2 (measured on Zen 3): gains in products at batch 8 and 518²
-# but loses 10-15 % on fc1 with oneDNN's GELU epilogue and ~5 % on a training step, so there the activation runs after
-# the product and training keeps the plain path; with plain weights, oneDNN products lost to the plain ones at
-# 261 × 384 (S/14 224² b1: the whole forward 4-5 % slower) and won from 261 × 768 (B/14 224² b1) and 522 × 384 up.
-# Other instruction sets (ARM, older x86): the plain path.
-_ONEDNN_POLICIES = {
-    "AVX512": OneDNNPolicy(inference=True, fused_activation=True, training=True),
-    "AVX2": OneDNNPolicy(inference=True, fused_activation=False, training=False, min_inference_work=512 * 384),
-}
-_NO_ONEDNN = OneDNNPolicy(inference=False, fused_activation=False, training=False)
-_CPU_CAPABILITY = torch.backends.cpu.get_cpu_capability()
-
-
-def onednn_policy() -> OneDNNPolicy:
-    """The parts of the oneDNN path used on this CPU (see `_ONEDNN_POLICIES`); none without PyTorch's oneDNN op."""
-    if _ONEDNN_LINEAR is None:
-        return _NO_ONEDNN
-    return _ONEDNN_POLICIES.get(_CPU_CAPABILITY, _NO_ONEDNN)
-
-
-# config.hidden_act -> (oneDNN post-op, algorithm); other activations run after an unfused product
-_ONEDNN_ACTIVATIONS = {
-    "gelu": ("gelu", "none"),
-    "gelu_pytorch_tanh": ("gelu", "tanh"),
-    "relu": ("relu", ""),
-    "silu": ("swish", ""),
-    "swish": ("swish", ""),
-}
-# config.hidden_act -> the same activation in place (where the policy leaves it out of the epilogue)
-_INPLACE_ACTIVATIONS = {
-    "gelu": lambda hidden: torch.ops.aten.gelu_(hidden),
-    "gelu_pytorch_tanh": lambda hidden: torch.ops.aten.gelu_(hidden, approximate="tanh"),
-    "relu": torch.relu_,
-    "silu": lambda hidden: F.silu(hidden, inplace=True),
-    "swish": lambda hidden: F.silu(hidden, inplace=True),
-}
-
-
-class _OneDNNLinearFunction(torch.autograd.Function):
-    """`F.linear(inputs, weight, bias)`, plus `residual` when given, with a oneDNN forward product (the residual added
-    in its epilogue); backward: `grad @ weight` in oneDNN, `gradᵀ @ inputs` and the bias sum as `F.linear`'s backward
-    does them (differentiable ops under `create_graph`), and the residual's gradient is the output's."""
-
-    @staticmethod
-    def forward(
-        ctx, inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        ctx.save_for_backward(inputs, weight)
-        ctx.has_bias = bias is not None
-        if residual is None:
-            return _ONEDNN_LINEAR(inputs, weight, bias, "none", [], "")
-        return _ONEDNN_LINEAR.binary(inputs, residual, weight, bias, "add")
-
-    @staticmethod
-    def backward(ctx, grad_output: torch.Tensor):
-        inputs, weight = ctx.saved_tensors
-        grad = grad_output.reshape(-1, grad_output.shape[-1])
-        grad_inputs = grad_weight = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            if torch.is_grad_enabled():  # create_graph=True: keep the backward itself differentiable
-                grad_inputs = grad @ weight
-            else:
-                grad_inputs = _ONEDNN_LINEAR(grad, weight.t(), None, "none", [], "")
-            grad_inputs = grad_inputs.reshape(inputs.shape)
-        if ctx.needs_input_grad[1]:
-            flat = inputs.reshape(-1, inputs.shape[-1])
-            if torch.is_grad_enabled() or weight.shape[1] <= weight.shape[0]:
-                grad_weight = grad.t() @ flat
-            else:  # wide inputs (fc2): oneDNN's product is the faster one here
-                grad_weight = _ONEDNN_LINEAR(grad.t(), flat.t(), None, "none", [], "")
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_bias = grad.sum(0)
-        grad_residual = grad_output if len(ctx.needs_input_grad) > 3 and ctx.needs_input_grad[3] else None
-        return grad_inputs, grad_weight, grad_bias, grad_residual
-
-
-def _opaque_onednn_ops():
-    """`(linear, linear_add)`: the oneDNN products as opaque custom ops for torch.compile (Inductor lowers
-    `mkldnn._linear_pointwise` only for frozen weights; an opaque op keeps the product and lets Inductor fuse the rest
-    around it). Registered once per process, also when this file is imported a second time as remote code."""
-    namespace = torch.ops.vit_registers
-    if _ONEDNN_LINEAR is None or hasattr(namespace, "onednn_linear"):
-        return getattr(namespace, "onednn_linear", None), getattr(namespace, "onednn_linear_add", None)
-
-    def linear(inputs, weight, bias, post_op, algorithm):
-        return _ONEDNN_LINEAR(inputs.contiguous(), weight, bias, post_op, [], algorithm)
-
-    def linear_add(inputs, other, weight, bias):
-        return _ONEDNN_LINEAR.binary(inputs.contiguous(), other.contiguous(), weight, bias, "add")
-
-    linear_op = torch.library.custom_op(
-        "vit_registers::onednn_linear", linear, mutates_args=(),
-        schema="(Tensor inputs, Tensor weight, Tensor? bias, str post_op, str algorithm) -> Tensor",
-    )
-    linear_op.register_fake(lambda inputs, weight, *_: inputs.new_empty((*inputs.shape[:-1], weight.shape[0])))
-    add_op = torch.library.custom_op(
-        "vit_registers::onednn_linear_add", linear_add, mutates_args=(),
-        schema="(Tensor inputs, Tensor other, Tensor weight, Tensor? bias) -> Tensor",
-    )
-    add_op.register_fake(lambda inputs, other, *_: other.new_empty(other.shape))
-    return namespace.onednn_linear, namespace.onednn_linear_add
-
-
-_COMPILED_LINEAR, _COMPILED_LINEAR_ADD = _opaque_onednn_ops()
-
-
-# Prepacked weights (opt-in: `ViTRegistersPreTrainedModel.prepack_weights`). Given a plain (out, in) weight, oneDNN
-# reorders it into its blocked layout on every product; a copy packed once per `nn.Linear` skips that, at the cost of
-# a second copy of the block weights. The pack records the weight it was made from (address, version counter, shape,
-# dtype) and is remade when that changes: in-place updates (optimizer steps, `load_state_dict`) bump the version
-# counter, replaced tensors change the address. Writes through `.data` bypass the version counter: call
-# `prepack_weights()` again after those. Packs are only read by products without gradients outside torch.compile.
-_REORDER_WEIGHT = getattr(getattr(torch.ops, "mkldnn", None), "_reorder_linear_weight", None)
-_PACKED_WEIGHTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # nn.Linear -> (weight key, packed weight)
-
-
-def _weight_key(weight: torch.Tensor) -> tuple:
-    return weight.data_ptr(), weight._version, tuple(weight.shape), weight.dtype
-
-
-def _pack(linear: nn.Linear) -> torch.Tensor:
-    with torch.no_grad():
-        packed = _REORDER_WEIGHT(linear.weight.detach(), None)
-    _PACKED_WEIGHTS[linear] = (_weight_key(linear.weight), packed)
-    return packed
-
-
-def _inference_weight(linear: nn.Linear) -> torch.Tensor:
-    """The weight for a oneDNN product without gradients: the packed copy where `linear` has one (remade if the
-    weight changed since), else the plain weight."""
-    entry = _PACKED_WEIGHTS.get(linear)
-    if entry is None:
-        return linear.weight
-    key, packed = entry
-    return packed if key == _weight_key(linear.weight) else _pack(linear)
-
-
-def onednn_linear(
-    inputs: torch.Tensor, linear: nn.Linear, post_op: str = "none", algorithm: str = "", plain: bool = False
-) -> torch.Tensor:
-    """`post_op(linear(inputs))` as one oneDNN product (see `onednn_product`), from the packed weight where `linear`
-    has one. `plain`: ATen's product instead (`OneDNNPolicy.min_inference_work`), without post-op."""
-    if plain:
-        if post_op != "none":
-            raise ValueError("a plain product has no post-op: apply the activation after it")
-        return F.linear(inputs, linear.weight, linear.bias)
-    return onednn_product(inputs, _product_weight(linear), linear.bias, post_op=post_op, algorithm=algorithm)
-
-
-def onednn_linear_add(
-    inputs: torch.Tensor, residual: torch.Tensor, linear: nn.Linear, plain: bool = False
-) -> torch.Tensor:
-    """`residual + linear(inputs)` as one oneDNN product, the residual added in its epilogue (see `onednn_product`).
-    `plain`: ATen's product, then the residual added in place on its output (no gradients)."""
-    if plain:
-        return F.linear(inputs, linear.weight, linear.bias).add_(residual)
-    return onednn_product(inputs, _product_weight(linear), linear.bias, residual)
-
-
-def _product_weight(linear: nn.Linear) -> torch.Tensor:
-    """The weight a oneDNN product of `linear` reads: the packed copy for eager products without gradients (see
-    `_inference_weight`), the parameter itself for differentiable and compiled ones."""
-    if torch.is_grad_enabled() or torch.compiler.is_compiling():
-        return linear.weight
-    return _inference_weight(linear)
-
-
-def onednn_product(
-    inputs: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    residual: torch.Tensor | None = None,
-    post_op: str = "none",
-    algorithm: str = "",
-) -> torch.Tensor:
-    """`post_op(F.linear(inputs, weight, bias))`, or `residual + F.linear(inputs, weight, bias)`, as one oneDNN
-    product of an explicit weight (a parameter, its packed copy, or one with LayerScale folded in): differentiable
-    with gradients (`post_op="none"` only), the opaque custom ops under torch.compile without them, PyTorch's oneDNN
-    op otherwise."""
-    if residual is not None and post_op != "none":
-        raise ValueError("a oneDNN product takes either a post-op or a residual, not both")
-    if torch.is_grad_enabled():
-        if post_op != "none":
-            raise ValueError("oneDNN post-ops have no gradient: apply the activation after the product")
-        return _OneDNNLinearFunction.apply(inputs, weight, bias, residual)
-    if torch.compiler.is_compiling():
-        if residual is None:
-            return _COMPILED_LINEAR(inputs, weight, bias, post_op, algorithm)
-        return _COMPILED_LINEAR_ADD(inputs, residual, weight, bias)
-    if residual is None:
-        return _ONEDNN_LINEAR(inputs, weight, bias, post_op, [], algorithm)
-    return _ONEDNN_LINEAR.binary(inputs, residual, weight, bias, "add")
-
-
-def _project(inputs: torch.Tensor, linear: nn.Linear, onednn: bool, plain: bool = False) -> torch.Tensor:
-    """`linear(inputs)`, as a oneDNN product on the block's oneDNN path (unless `plain`, see `onednn_linear`)."""
-    return onednn_linear(inputs, linear, plain=plain) if onednn else linear(inputs)
-
-
-def _plain_float32_cpu_linear(linear: nn.Module) -> bool:
-    """Whether `linear` is a plain `nn.Linear` (no adapter) whose weight is a plain float32 CPU tensor (no DTensor,
-    quantized or other subclass): what the oneDNN path and its packs can take."""
-    if type(linear) is not nn.Linear:
-        return False
-    weight = linear.weight
-    plain_tensor = type(weight) in (nn.Parameter, torch.Tensor)
-    return plain_tensor and weight.dtype == torch.float32 and weight.device.type == "cpu"
-
-
-def _onednn_path_available(hidden_states: torch.Tensor) -> bool:
-    """Whether a block may take the oneDNN path for `hidden_states` (the conditions that do not depend on the block)."""
-    if _ONEDNN_LINEAR is None or not torch.backends.mkldnn.enabled:
-        return False
-    if hidden_states.device.type != "cpu" or hidden_states.dtype != torch.float32:
-        return False
-    if torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_exporting():
-        return False  # exported and traced graphs stay with portable ATen ops
-    if torch.compiler.is_compiling() and torch.is_grad_enabled():
-        return False  # compiled training: AOTAutograd differentiates the plain ops and fuses on its own
-    if torch.is_autocast_enabled("cpu"):
-        return False
-    module_hooks = torch.nn.modules.module
-    return not (module_hooks._global_forward_hooks or module_hooks._global_forward_pre_hooks)
-
-
 def apply_test_time_registers(
     hidden: torch.Tensor, neurons: torch.Tensor, num_registers: int, inplace: bool = False
 ) -> torch.Tensor:
@@ -560,69 +321,76 @@ def apply_test_time_registers(
     return hidden.index_copy_(-1, neurons, edited) if inplace else hidden.index_copy(-1, neurons, edited)
 
 
+class ViTRegistersTestTimeRegisters(nn.Module):
+    """The test-time-register edit of one block's MLP hidden units (`config.test_time_registers`); an identity in
+    blocks without register neurons. Holds no weights: the neurons come from the config."""
+
+    def __init__(self, spec: dict | None = None, layer_index: int = 0):
+        super().__init__()
+        self.configure(spec, layer_index)
+
+    def configure(self, spec: dict | None, layer_index: int) -> None:
+        """This block's register neurons from a `config.test_time_registers` spec (none: no edit)."""
+        neurons = (spec or {}).get("neurons") or {}
+        units = neurons.get(str(layer_index), neurons.get(layer_index, []))
+        self.num_tokens = int((spec or {}).get("num_tokens", 0)) if len(units) else 0
+        self.neurons: tuple[int, ...] = tuple(sorted(int(unit) for unit in units))
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        if not self.num_tokens:
+            return hidden
+        neurons = torch.tensor(self.neurons, dtype=torch.long, device=hidden.device)
+        # without gradients the activations are the MLP's own scratch tensor: edit the neurons' columns in place
+        return apply_test_time_registers(hidden, neurons, self.num_tokens, inplace=not torch.is_grad_enabled())
+
+    def extra_repr(self) -> str:
+        return f"neurons={list(self.neurons)}, num_tokens={self.num_tokens}" if self.num_tokens else ""
+
+
 class ViTRegistersMLP(nn.Module):
-    """fc1 → activation → fc2 (`mlp_type="mlp"`), or SwiGLU (`"swiglu"`, DINOv2-g): fc1 packs [gate, value]."""
+    """fc1 → activation → fc2 (`mlp_type="mlp"`), with the test-time-register edit on the hidden units."""
+
+    gated = False  # fc1 packs [gate, value] (SwiGLU)
 
     def __init__(self, config: ViTRegistersConfig, layer_index: int = 0):
         super().__init__()
         hidden = config.mlp_hidden_size
-        self.swiglu = config.mlp_type == "swiglu"
-        self.fc1 = nn.Linear(config.hidden_size, 2 * hidden if self.swiglu else hidden)
-        self.activation = ACT2FN["silu"] if self.swiglu else ACT2FN[config.hidden_act]
+        self.fc1 = nn.Linear(config.hidden_size, 2 * hidden if self.gated else hidden)
+        self.hidden_act = "silu" if self.gated else config.hidden_act
+        self.activation = ACT2FN[self.hidden_act]
+        self.test_time_registers = ViTRegistersTestTimeRegisters(config.test_time_registers, layer_index)
         self.fc2 = nn.Linear(hidden, config.hidden_size)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
-        self.activation_name = config.hidden_act
-        self.activation_type = type(self.activation)  # the oneDNN path steps aside if `activation` is replaced
-        self.register_neurons: tuple[int, ...] = ()
-        self.num_test_time_registers = 0
-        self.set_register_neurons(config.test_time_registers, layer_index)
 
-    def set_register_neurons(self, spec: dict | None, layer_index: int) -> None:
-        """Register neurons of this layer from a `config.test_time_registers` spec (none → plain MLP)."""
-        neurons = (spec or {}).get("neurons") or {}
-        units = neurons.get(str(layer_index), neurons.get(layer_index, []))
-        self.num_test_time_registers = int((spec or {}).get("num_tokens", 0)) if len(units) else 0
-        self.register_neurons = tuple(sorted(int(u) for u in units))
-
-    def hidden_activations(
-        self, hidden_states: torch.Tensor, onednn: bool = False, plain_products: bool = False
-    ) -> torch.Tensor:
-        """The MLP hidden units after the activation (for SwiGLU: the gated product); test-time edit applied.
-
-        `onednn` (the block's oneDNN path): fc1 as a oneDNN product (ATen's with `plain_products`); without gradients
-        the activation joins the product's epilogue where `onednn_policy` fuses it, and otherwise runs in place on the
-        product's output, so only one `(tokens, mlp_hidden_size)` tensor is alive either way.
-        """
-        scratch = onednn and not self.swiglu and not torch.is_grad_enabled()  # fc1's output is ours to overwrite
-        fuse = scratch and onednn_policy().fused_activation and not plain_products
-        post_op = _ONEDNN_ACTIVATIONS.get(self.activation_name) if fuse else None
-        in_place = _INPLACE_ACTIVATIONS.get(self.activation_name) if scratch else None
-        if post_op is not None:
-            hidden = onednn_linear(hidden_states, self.fc1, *post_op)
-        elif in_place is not None:
-            hidden = in_place(onednn_linear(hidden_states, self.fc1, plain=plain_products))
-        else:
-            hidden = _project(hidden_states, self.fc1, onednn, plain_products)
-            if self.swiglu:
-                gate, value = hidden.chunk(2, dim=-1)
-                hidden = self.activation(gate) * value
-            else:
-                hidden = self.activation(hidden)
-        if self.num_test_time_registers:
-            neurons = torch.tensor(self.register_neurons, dtype=torch.long, device=hidden.device)
-            # without gradients the activations are this call's own scratch tensor: edit the neurons' columns in place
-            hidden = apply_test_time_registers(
-                hidden, neurons, self.num_test_time_registers, inplace=not torch.is_grad_enabled()
-            )
-        return hidden
+    def activate(self, projected: torch.Tensor) -> torch.Tensor:
+        """The hidden units from fc1's output: the activation, then the test-time-register edit."""
+        return self.test_time_registers(self.activation(projected))
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        hidden = self.dropout(self.hidden_activations(hidden_states))
+        hidden = self.dropout(self.activate(self.fc1(hidden_states)))
         return self.dropout(self.fc2(hidden))
 
 
+class ViTRegistersSwiGLU(ViTRegistersMLP):
+    """SwiGLU feed-forward (`mlp_type="swiglu"`, DINOv2-g): fc1 packs [gate, value], silu(gate) * value → fc2."""
+
+    gated = True
+
+    def activate(self, projected: torch.Tensor) -> torch.Tensor:
+        gate, value = projected.chunk(2, dim=-1)
+        return self.test_time_registers(self.activation(gate) * value)
+
+
+FEED_FORWARD_CLASSES = {"mlp": ViTRegistersMLP, "swiglu": ViTRegistersSwiGLU}
+
+
+@use_kernel_forward_from_hub("ViTRegistersLayer")
 class ViTRegistersLayer(GradientCheckpointingLayer):
-    """Pre-norm block: x + DropPath(LS1(Attn(LN(x)))), then x + DropPath(LS2(MLP(LN(x))))."""
+    """Pre-norm block: x + DropPath(LS1(Attn(LN(x)))), then x + DropPath(LS2(FFN(LN(x)))).
+
+    The reference forward. Device kernels replace it per instance (`vit_registers.onednn.kernelize`) and fall back
+    to it wherever they do not apply.
+    """
 
     def __init__(self, config: ViTRegistersConfig, layer_index: int = 0):
         super().__init__()
@@ -634,136 +402,18 @@ class ViTRegistersLayer(GradientCheckpointingLayer):
         self.layer_scale1 = ViTRegistersLayerScale(config) if use_scale else nn.Identity()
         self.drop_path = ViTRegistersDropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.mlp = ViTRegistersMLP(config, layer_index)
+        self.mlp = FEED_FORWARD_CLASSES[config.mlp_type](config, layer_index)
         self.layer_scale2 = ViTRegistersLayerScale(config) if use_scale else nn.Identity()
 
     def forward(
         self, hidden_states: torch.Tensor, output_attentions: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if self.can_use_onednn(hidden_states):
-            return self.onednn_forward(hidden_states, output_attentions)
-        return self.compose(hidden_states, output_attentions)
-
-    def compose(
-        self, hidden_states: torch.Tensor, output_attentions: bool = False
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The block from its submodules (the regular path)."""
         attended, weights = self.attention(self.norm1(hidden_states), output_attentions)
         hidden_states = hidden_states + self.drop_path(self.layer_scale1(attended))
         del attended  # free the attention output before the MLP, where activation memory peaks
         mlp_output = self.mlp(self.norm2(hidden_states))
         hidden_states = hidden_states + self.drop_path(self.layer_scale2(mlp_output))
         return hidden_states, weights
-
-    def can_use_onednn(self, hidden_states: torch.Tensor) -> bool:
-        """Whether this call may take the oneDNN path (see `_OneDNNLinearFunction`): float32 on the CPU, plain
-        `nn.Linear` weights, and nothing (hooks, replaced forwards, adapters) expecting the regular submodule calls."""
-        if not _onednn_path_available(hidden_states):
-            return False
-        policy = onednn_policy()
-        # train mode counts as training also without gradients (a reentrant checkpoint's first pass), so that the
-        # forward and its recomputation take the same path
-        if not (policy.training if self.training or torch.is_grad_enabled() else policy.inference):
-            return False
-        if type(self.mlp.activation) is not self.mlp.activation_type:
-            return False  # a replaced activation module: the oneDNN path would pick the activation by name
-        # replaced LayerScale, dropout or drop-path modules: the oneDNN path folds, skips or fuses these by their type
-        if not all(type(m) in (ViTRegistersLayerScale, nn.Identity) for m in (self.layer_scale1, self.layer_scale2)):
-            return False
-        if not all(type(m) in (nn.Dropout, ViTRegistersDropPath, nn.Identity) for m in self._stochastic_modules):
-            return False
-        for name, module in self.named_modules():
-            if name and (module._forward_hooks or module._forward_pre_hooks or "forward" in module.__dict__):
-                return False
-        return all(_plain_float32_cpu_linear(linear) for linear in self.products)
-
-    @property
-    def products(self) -> tuple[nn.Module, ...]:
-        """The block's four matrix products (qkv, proj, fc1, fc2): what the oneDNN path runs and `prepack_weights`
-        packs."""
-        return self.attention.qkv, self.attention.proj, self.mlp.fc1, self.mlp.fc2
-
-    def onednn_forward(
-        self, hidden_states: torch.Tensor, output_attentions: bool = False
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """`forward` with oneDNN products (the same arithmetic up to float32 rounding). With gradients, in training
-        mode or with a dropout or drop-path module drawing masks (Monte Carlo dropout in eval mode) see
-        `_onednn_training_forward`; otherwise the activation and the residual move into the products'
-        epilogues, or, below the policy's `min_inference_work` without prepacked weights, the products are ATen's with
-        the activation and the residual in place after them."""
-        if self.training or torch.is_grad_enabled() or any(_drops(m) for m in self._stochastic_modules):
-            return self._onednn_training_forward(hidden_states, output_attentions)
-        attention, mlp = self.attention, self.mlp
-        plain = hidden_states.numel() < onednn_policy().min_inference_work and attention.qkv not in _PACKED_WEIGHTS
-        qkv = onednn_linear(self.norm1(hidden_states), attention.qkv, plain=plain)
-        attended, weights = attention.attend(qkv, output_attentions)
-        del qkv
-        hidden_states = self._residual(hidden_states, attended.contiguous(), attention.proj, self.layer_scale1, plain)
-        del attended
-        activations = mlp.hidden_activations(self.norm2(hidden_states), onednn=True, plain_products=plain)
-        hidden_states = self._residual(hidden_states, activations, mlp.fc2, self.layer_scale2, plain)
-        return hidden_states, weights
-
-    def _onednn_training_forward(
-        self, hidden_states: torch.Tensor, output_attentions: bool = False
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """`onednn_forward` with gradients, in train mode or with active dropout: the regular composition's
-        arithmetic (dropout and drop path drawn in the same order) with oneDNN products, LayerScale folded into the
-        output products' weights (`(γ ⊙ W) x + γ ⊙ b`: weight-sized products in forward and backward instead of
-        activation-sized ones) and the residual added in their epilogue wherever no dropout or drop path draws a mask
-        between them."""
-        attention, mlp = self.attention, self.mlp
-        qkv = onednn_linear(self.norm1(hidden_states), attention.qkv)
-        attended, weights = attention.attend(qkv, output_attentions)
-        del qkv
-        hidden_states = self._training_residual(
-            hidden_states, attended.contiguous(), attention.proj, self.layer_scale1, attention.proj_dropout
-        )
-        del attended  # free the attention output before the MLP, where activation memory peaks
-        activations = mlp.dropout(mlp.hidden_activations(self.norm2(hidden_states), onednn=True))
-        hidden_states = self._training_residual(hidden_states, activations, mlp.fc2, self.layer_scale2, mlp.dropout)
-        return hidden_states, weights
-
-    def _training_residual(
-        self,
-        residual: torch.Tensor,
-        inputs: torch.Tensor,
-        linear: nn.Linear,
-        layer_scale: nn.Module,
-        dropout: nn.Module,
-    ) -> torch.Tensor:
-        """`residual + drop_path(layer_scale(dropout(linear(inputs))))` as one oneDNN product where it can be."""
-        weight, bias = linear.weight, linear.bias
-        if isinstance(layer_scale, ViTRegistersLayerScale):
-            weight = weight * layer_scale.gamma[:, None]
-            bias = None if bias is None else bias * layer_scale.gamma
-        if not (_drops(dropout) or _drops(self.drop_path)):
-            return onednn_product(inputs, weight, bias, residual)
-        return residual + self.drop_path(dropout(onednn_product(inputs, weight, bias)))
-
-    @property
-    def _stochastic_modules(self) -> tuple[nn.Module, ...]:
-        """The modules between the output products and the residual that may draw random masks."""
-        return self.attention.proj_dropout, self.mlp.dropout, self.drop_path
-
-    @staticmethod
-    def _residual(
-        residual: torch.Tensor, inputs: torch.Tensor, linear: nn.Linear, layer_scale: nn.Module, plain: bool = False
-    ) -> torch.Tensor:
-        """`residual + layer_scale(linear(inputs))` (no gradients): one pass after the product with LayerScale, none
-        without it (oneDNN adds the residual in the epilogue; a `plain` product gets it in place)."""
-        if isinstance(layer_scale, ViTRegistersLayerScale):
-            return torch.addcmul(residual, onednn_linear(inputs, linear, plain=plain), layer_scale.gamma)
-        return onednn_linear_add(inputs, residual, linear, plain)
-
-
-def _drops(module: nn.Module) -> bool:
-    """Whether a dropout or drop-path module (or `nn.Identity`) changes its input in its current mode."""
-    if isinstance(module, nn.Dropout):
-        return module.training and module.p > 0
-    if isinstance(module, ViTRegistersDropPath):
-        return module.training and module.drop_prob > 0
-    return False
 
 
 def resolve_layer_indices(layers: int | Iterable[int] | None, depth: int) -> tuple[int, ...]:
@@ -802,6 +452,25 @@ class ViTRegistersEncoder(nn.Module):
         return hidden_states, all_hidden, attentions
 
 
+class ViTRegistersPooler(nn.Module):
+    """`pooler_output` as chosen by `config.pooling`: the CLS token (`"cls"`), the mean of the patch tokens then
+    `fc_norm` (`"mean"`, timm's global average pooling), or both concatenated (`"cls_mean"`, DINOv2's linear head).
+    Registers are never pooled. Holds no weights (`fc_norm` stays on the model, as in timm)."""
+
+    def __init__(self, config: ViTRegistersConfig):
+        super().__init__()
+        self.pooling = config.pooling
+
+    def forward(self, cls_token: torch.Tensor | None, patch_tokens: torch.Tensor, fc_norm: nn.Module) -> torch.Tensor:
+        if self.pooling == "cls":
+            return cls_token
+        mean = fc_norm(patch_tokens.mean(dim=1))
+        return mean if self.pooling == "mean" else torch.cat([cls_token, mean], dim=-1)
+
+    def extra_repr(self) -> str:
+        return f"pooling={self.pooling!r}"
+
+
 class ViTRegistersPreTrainedModel(PreTrainedModel):
     config_class = ViTRegistersConfig
     config: ViTRegistersConfig
@@ -837,26 +506,6 @@ class ViTRegistersPreTrainedModel(PreTrainedModel):
         elif isinstance(module, ViTRegistersLayerScale):
             init.constant_(module.gamma, self.config.layerscale_value)
 
-    def prepack_weights(self, enable: bool = True) -> int:
-        """Keep each block's matrix-product weights also in oneDNN's packed layout for CPU inference.
-
-        Faster products without gradients on CPUs whose `onednn_policy()` uses oneDNN for inference (oneDNN then
-        skips reordering the weight on every call; README, benchmarks) for a second copy of the block weights in
-        memory. Gradients, torch.compile and other devices keep using the plain weights. A weight that changes in
-        place or is replaced is packed again on its next use; after writes through `.data` call this again.
-        `enable=False` drops the packs. Returns the number of weights packed (0 where oneDNN inference is off).
-        """
-        layers = [module for module in self.modules() if isinstance(module, ViTRegistersLayer)]
-        linears = [linear for layer in layers for linear in layer.products]
-        for linear in linears:
-            _PACKED_WEIGHTS.pop(linear, None)
-        if not enable or _REORDER_WEIGHT is None or not onednn_policy().inference:
-            return 0
-        packable = [linear for linear in linears if _plain_float32_cpu_linear(linear)]
-        for linear in packable:
-            _pack(linear)
-        return len(packable)
-
 
 class ViTRegistersModel(ViTRegistersPreTrainedModel):
     """The bare encoder: returns CLS, register and patch tokens separately (see [`ViTRegistersModelOutput`])."""
@@ -871,6 +520,7 @@ class ViTRegistersModel(ViTRegistersPreTrainedModel):
         self.fc_norm = (
             nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if config.use_fc_norm else nn.Identity()
         )
+        self.pooler = ViTRegistersPooler(config)
         self.post_init()
 
     def get_input_embeddings(self) -> ViTRegistersPatchEmbeddings:
@@ -894,7 +544,7 @@ class ViTRegistersModel(ViTRegistersPreTrainedModel):
             raise
         self.embeddings.num_test_time_registers = self.config.num_test_time_registers
         for index, layer in enumerate(self.encoder.layer):
-            layer.mlp.set_register_neurons(spec, index)
+            layer.mlp.test_time_registers.configure(spec, index)
 
     def split_tokens(self, tokens: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
         """Split a `(batch, tokens, hidden)` sequence into (CLS or None, registers incl. test-time, patches)."""
@@ -903,13 +553,6 @@ class ViTRegistersModel(ViTRegistersPreTrainedModel):
         trained, test_time = (tokens[:, group] for group in groups["registers"])
         registers = torch.cat([trained, test_time], dim=1) if self.config.num_test_time_registers else trained
         return cls_token, registers, tokens[:, groups["patches"][0]]
-
-    def pool(self, cls_token: torch.Tensor | None, patch_tokens: torch.Tensor) -> torch.Tensor:
-        """`config.pooling`: CLS, fc_norm(mean of patches), or both concatenated. Registers are never pooled."""
-        if self.config.pooling == "cls":
-            return cls_token
-        mean = self.fc_norm(patch_tokens.mean(dim=1))
-        return mean if self.config.pooling == "mean" else torch.cat([cls_token, mean], dim=-1)
 
     @can_return_tuple
     def forward(
@@ -947,7 +590,7 @@ class ViTRegistersModel(ViTRegistersPreTrainedModel):
         cls_token, register_tokens, patch_tokens = self.split_tokens(sequence)
         return ViTRegistersModelOutput(
             last_hidden_state=sequence,
-            pooler_output=self.pool(cls_token, patch_tokens),
+            pooler_output=self.pooler(cls_token, patch_tokens, self.fc_norm),
             register_tokens=register_tokens,
             patch_tokens=patch_tokens,
             hidden_states=hidden_states,
