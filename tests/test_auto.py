@@ -101,6 +101,20 @@ def test_image_processor_is_registered_for_the_config():
     assert model.config.model_type == "vit_registers"
 
 
+def test_image_processor_is_registered_for_both_backends(saved_classifier):
+    """With only one backend registered, loading a `BitImageProcessor` config finds no torchvision entry in this
+    mapping and logs "Requested torchvision backend is not available. Falling back to pil backend"."""
+    from transformers.models.auto.image_processing_auto import IMAGE_PROCESSOR_MAPPING
+
+    from vit_registers.auto import IMAGE_PROCESSOR_CLASSES
+
+    _, path = saved_classifier
+    assert IMAGE_PROCESSOR_MAPPING[ViTRegistersConfig] == IMAGE_PROCESSOR_CLASSES
+    assert set(IMAGE_PROCESSOR_CLASSES) == {"torchvision", "pil"}
+    assert type(AutoImageProcessor.from_pretrained(path)) is IMAGE_PROCESSOR_CLASSES["torchvision"]
+    assert type(AutoImageProcessor.from_pretrained(path, backend="pil")) is IMAGE_PROCESSOR_CLASSES["pil"]
+
+
 def test_pipelines(saved_classifier):
     model, path = saved_classifier
     features = pipeline("image-feature-extraction", model=str(path), device="cpu")

@@ -11,6 +11,15 @@ from transformers import (
     BitImageProcessor,
 )
 
+try:  # transformers >= 5.x with image-processor backends: BitImageProcessor is the torchvision one
+    from transformers import BitImageProcessorPil
+
+    IMAGE_PROCESSOR_CLASSES = {"torchvision": BitImageProcessor, "pil": BitImageProcessorPil}
+except ImportError:  # pragma: no cover - earlier transformers: BitImageProcessor is the PIL one
+    from transformers import BitImageProcessorFast
+
+    IMAGE_PROCESSOR_CLASSES = {"torchvision": BitImageProcessorFast, "pil": BitImageProcessor}
+
 from .configuration_vit_registers import ViTRegistersConfig
 from .modeling_vit_registers import ViTRegistersBackbone, ViTRegistersForImageClassification, ViTRegistersModel
 
@@ -28,7 +37,14 @@ def register_auto_classes() -> None:
         AutoModel.register(ViTRegistersConfig, ViTRegistersModel, exist_ok=True)
         AutoModelForImageClassification.register(ViTRegistersConfig, ViTRegistersForImageClassification, exist_ok=True)
         AutoBackbone.register(ViTRegistersConfig, ViTRegistersBackbone, exist_ok=True)
-        AutoImageProcessor.register(ViTRegistersConfig, slow_image_processor_class=BitImageProcessor, exist_ok=True)
+        # Both backends, as transformers maps DINOv2: with only one registered, loading a `BitImageProcessor` config
+        # looks for the torchvision entry of this mapping, finds none and logs "Falling back to pil backend".
+        AutoImageProcessor.register(
+            ViTRegistersConfig,
+            slow_image_processor_class=IMAGE_PROCESSOR_CLASSES["pil"],
+            fast_image_processor_class=IMAGE_PROCESSOR_CLASSES["torchvision"],
+            exist_ok=True,
+        )
     except TypeError:  # pragma: no cover - transformers without `exist_ok`
         pass
     # `auto_map` in config.json + code files copied by save_pretrained → trust_remote_code works anywhere.
