@@ -231,7 +231,8 @@ class ViTRegistersConfig(BackboneConfigMixin, PretrainedConfig):
         """Where each token group sits in a sequence of `num_tokens`, laid out as
         `[CLS] + registers + patches + test-time registers`: `{"cls", "registers", "patches"}` → slices (the
         registers' second slice holds the test-time registers). The one place that layout is written down; plain
-        slices, so that symbolic sizes (torch.export with dynamic height and width) stay symbolic."""
+        slices, so that symbolic sizes (torch.export with dynamic height and width) stay symbolic. The CLS and
+        trained-register slices do not depend on `num_tokens`."""
         start, registers_end = int(self.use_cls_token), self.num_prefix_tokens
         end = num_tokens - self.num_test_time_registers
         return {

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .analysis.tokens import TokenLayout
+
 
 def effective_rank(features: torch.Tensor, eps: float = 1e-12) -> float:
     """Effective rank of `(samples, dims)` features (see module docstring for the exact definition)."""
@@ -171,20 +173,19 @@ def probe_tokens(
     config = base.config
     hidden_states = base(pixel_values, output_hidden_states=True).hidden_states
     tokens = hidden_states[layer]
-    start = config.num_prefix_tokens
-    end = tokens.shape[1] - config.num_test_time_registers
+    layout = TokenLayout.from_config(config, tokens.shape[1])
     images = torch.arange(tokens.shape[0])
     if kind == "cls":
-        if not config.use_cls_token:
+        if not len(layout.cls):
             raise ValueError("This model has no CLS token.")
-        return tokens[:, 0], images
+        return tokens[:, layout.cls[0]], images
     if kind == "register":
         if not 0 <= register_index < config.num_register_tokens:
             raise ValueError(f"Register {register_index} does not exist (the model has {config.num_register_tokens}).")
-        return tokens[:, int(config.use_cls_token) + register_index], images
+        return tokens[:, layout.registers[register_index]], images  # trained registers come first
     if threshold is None:
         raise ValueError(f"kind={kind!r} needs the outlier norm threshold.")
-    outliers = hidden_states[-1][:, start:end].norm(dim=-1) > threshold
+    outliers = hidden_states[-1][:, layout.patches].norm(dim=-1) > threshold
     wanted = outliers if kind == "outlier_patch" else ~outliers
     generator = torch.Generator().manual_seed(seed)
     chosen, kept = [], []
@@ -192,7 +193,7 @@ def probe_tokens(
         candidates = torch.nonzero(wanted[image]).flatten()
         if len(candidates):
             pick = candidates[torch.randint(len(candidates), (1,), generator=generator)].item()
-            chosen.append(tokens[image, start + pick])
+            chosen.append(tokens[image, int(layout.patches[pick])])
             kept.append(image)
     if not chosen:
         return tokens.new_zeros(0, tokens.shape[-1]), torch.zeros(0, dtype=torch.long)

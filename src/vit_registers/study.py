@@ -19,6 +19,7 @@ import torch
 from .analysis import figures
 from .analysis.corloc import evaluate_corloc
 from .analysis.images import ImageError, load_image, prepare_with_processor
+from .analysis.norms import group_norms, layer_norms
 from .analysis.outliers import outlier_fraction, sigma_threshold
 from .analysis.pipeline import analyze_batch
 
@@ -66,8 +67,7 @@ def study_model(path: str | os.PathLike, dataset: str | os.PathLike, split: str 
         output = classifier(pixels, output_hidden_states=True)
         labels = torch.tensor([config.label2id[row["label"]] for row in batch])
         correct += int((output.logits.argmax(-1) == labels).sum())
-        first, last = config.num_prefix_tokens, output.hidden_states[0].shape[1] - config.num_test_time_registers
-        norms = torch.stack([state[:, first:last].norm(dim=-1) for state in output.hidden_states])  # (L+1, B, N)
+        norms = group_norms(layer_norms(output.hidden_states), config)["patches"]  # (L+1, B, patches)
         norms_per_depth = norms if norms_per_depth is None else torch.cat([norms_per_depth, norms], dim=1)
     layers = []
     for depth, norms in enumerate(norms_per_depth.flatten(1)):

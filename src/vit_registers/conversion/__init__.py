@@ -387,9 +387,8 @@ def reference_tokens(reference: torch.nn.Module, pixel_values: torch.Tensor) -> 
 @torch.no_grad()
 def model_tokens(model: ViTRegistersModel, pixel_values: torch.Tensor) -> dict[str, torch.Tensor | None]:
     """`ViTRegistersModel` output tokens in the same `cls` / `registers` / `patches` layout as `reference_tokens`."""
-    output = model(pixel_values)
-    cls_token = output.last_hidden_state[:, 0] if model.config.use_cls_token else None
-    return dict(cls=cls_token, registers=output.register_tokens, patches=output.patch_tokens)
+    cls_token, registers, patches = model.split_tokens(model(pixel_values).last_hidden_state)
+    return dict(cls=cls_token, registers=registers, patches=patches)
 
 
 __all__ = [

@@ -32,22 +32,25 @@ def _base_model(model) -> ViTRegistersModel:
 def token_positions(model, tokens: str | Sequence[int]) -> list[int]:
     """Sequence positions of `"cls"`, `"registers"` (all trained registers) or register indices `[0, 2, ...]`."""
     config = _base_model(model).config
-    first_register = int(config.use_cls_token)
+    # CLS and trained registers come before the patches (`config.token_slices`), so their slices are the same in a
+    # sequence of any length: those of the prefix alone.
+    groups, prefix = config.token_slices(config.num_prefix_tokens), range(config.num_prefix_tokens)
+    cls_positions, register_positions = list(prefix[groups["cls"][0]]), list(prefix[groups["registers"][0]])
     if tokens == "cls":
-        if not config.use_cls_token:
+        if not cls_positions:
             raise ValueError("This model has no CLS token to ablate.")
-        return [0]
+        return cls_positions
     if tokens == "registers":
-        if not config.num_register_tokens:
+        if not register_positions:
             raise ValueError("This model has no register tokens to ablate.")
-        return list(range(first_register, first_register + config.num_register_tokens))
+        return register_positions
     if isinstance(tokens, str):
         raise ValueError(f"tokens must be 'cls', 'registers' or a list of register indices, got {tokens!r}.")
     positions = []
     for index in tokens:
-        if not 0 <= int(index) < config.num_register_tokens:
-            raise ValueError(f"Register {index} does not exist (the model has {config.num_register_tokens}).")
-        positions.append(first_register + int(index))
+        if not 0 <= int(index) < len(register_positions):
+            raise ValueError(f"Register {index} does not exist (the model has {len(register_positions)}).")
+        positions.append(register_positions[int(index)])
     return positions
 
 

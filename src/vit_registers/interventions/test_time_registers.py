@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..analysis.tokens import TokenLayout
 from ..modeling_vit_registers import ViTRegistersModel
 
 
@@ -91,26 +92,27 @@ def find_register_neurons(
     batches = list(batches)
     if not batches:
         raise ValueError("find_register_neurons needs at least one batch of images.")
-    start, extra = config.num_prefix_tokens, config.num_test_time_registers
 
-    def patch_norms(pixels: torch.Tensor) -> torch.Tensor:
+    def patch_norms(pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Norms of the patch tokens `(batch, patches)` and their sequence positions."""
         hidden = base(pixels, output_hidden_states=True).hidden_states[detection_layer + 1]
-        return hidden[:, start : hidden.shape[1] - extra].norm(dim=-1)
+        positions = TokenLayout.from_config(config, hidden.shape[1]).patches.to(hidden.device)
+        return hidden.index_select(1, positions).norm(dim=-1), positions
 
     if percentile is not None:
-        pooled = torch.cat([patch_norms(pixels).flatten() for pixels in batches])
+        pooled = torch.cat([patch_norms(pixels)[0].flatten() for pixels in batches])
         threshold = float(torch.quantile(pooled.float(), percentile / 100.0))
     layers = list(range(highest_layer + 1))
     totals = torch.zeros(len(layers), config.mlp_hidden_size, dtype=torch.float64)
     images_with_outliers = images_seen = 0
     with capture_mlp_activations(base, layers) as activations:
         for pixels in batches:
-            norms = patch_norms(pixels)  # also fills `activations`
+            norms, patch_positions = patch_norms(pixels)  # also fills `activations`
             outliers = norms > threshold
             images_seen += pixels.shape[0]
             for image in torch.nonzero(outliers.any(dim=1)).flatten().tolist():
                 images_with_outliers += 1
-                positions = torch.nonzero(outliers[image]).flatten() + start
+                positions = patch_positions[torch.nonzero(outliers[image]).flatten()]
                 for row, layer in enumerate(layers):
                     values = activations[layer][image, positions].abs().mean(dim=0)
                     totals[row] += values.double()
