@@ -265,6 +265,28 @@ def test_test_time_registers_toggle(model_dirs, images, tmp_path):
     assert store.get(str(stored_dir), False).model.config.test_time_registers is None
 
 
+def test_register_norms_come_from_the_image_analysis(model_dirs, images, monkeypatch, tmp_path):
+    """The CLS and register norms the Space reports are those `analyze_batch` measured (`ImageAnalysis.
+    last_layer_norms`, same forward pass); the Space puts no hook of its own on the model."""
+    entry = space.ModelStore(example_dir=tmp_path).get(model_dirs["tiny-reg4"], False)
+    analyses = []
+
+    def recording_analyze_batch(*args, **kwargs):
+        analyses.extend(results := analyze_batch(*args, **kwargs))
+        return results
+
+    def refuse_hook(*args, **kwargs):
+        raise AssertionError("the Space hooks the model itself")
+
+    monkeypatch.setattr(space, "analyze_batch", recording_analyze_batch)
+    monkeypatch.setattr(entry.model, "register_forward_hook", refuse_hook)
+    stats = space.analyze_model(entry, load_image(images["small"])).stats
+    (analysis,) = analyses
+    assert len(stats["register_norms"]) == 4
+    assert stats["register_norms"] == analysis.last_layer_norms["registers"].tolist()
+    assert stats["cls_norm"] == analysis.last_layer_norms["cls"].item()
+
+
 # ----------------------------------------------------------------------------------------- gradio_client
 
 
