@@ -415,6 +415,12 @@ def test_adding_registers_and_linear_probe_train_and_reload(tmp_path, capsys):
     assert code == 0, err
     log = json.loads((out / "training_log.json").read_text())
     assert log["registers_added"] == 2 and log["num_register_tokens"] == 2
+    # the script trains with the oneDNN CPU kernels where this CPU has them, as the `vit-registers` command runs
+    from vit_registers.onednn import _ONEDNN_LINEAR, onednn_policy
+
+    policy = onednn_policy()
+    expected = TINY["num_hidden_layers"] if _ONEDNN_LINEAR is not None and (policy.inference or policy.training) else 0
+    assert log["cpu_kernel_layers"] == expected
     model = AutoModelForImageClassification.from_pretrained(out)
     assert model.config.num_register_tokens == 2 and model.config.num_labels == 3
     registers = model.vit_registers.embeddings.register_tokens
@@ -437,6 +443,7 @@ def test_adding_registers_and_linear_probe_train_and_reload(tmp_path, capsys):
         capsys,
     )
     assert code == 0, err
+    assert json.loads((probe / "training_log.json").read_text())["cpu_kernel_layers"] == expected
     before, after = _weights(out), _weights(probe)
     backbone = [k for k in before if not k.startswith("classifier.")]
     assert backbone and all(torch.equal(before[k], after[k]) for k in backbone)  # frozen

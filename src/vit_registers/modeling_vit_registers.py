@@ -485,6 +485,10 @@ class ViTRegistersPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
     _can_compile_fullgraph = True
 
+    def __init__(self, config: ViTRegistersConfig, *inputs, **kwargs):
+        config.check_consistency()  # the relations between fields, which transformers configs accept at creation
+        super().__init__(config, *inputs, **kwargs)
+
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         """Truncated-normal weights (std `initializer_range`), zero biases, unit LayerNorms, LayerScale at its value."""

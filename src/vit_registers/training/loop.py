@@ -419,6 +419,8 @@ def train(config: FinetuneConfig) -> dict:
     from accelerate.utils import DataLoaderConfiguration, set_seed
     from tqdm.auto import tqdm
 
+    from ..onednn import apply_cpu_kernels
+
     config.check()
     try:
         accelerator = Accelerator(
@@ -485,6 +487,7 @@ def train(config: FinetuneConfig) -> dict:
         )
     else:
         model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
+    kernelized = apply_cpu_kernels(accelerator.unwrap_model(model))  # oneDNN blocks on the CPU (vit_registers.onednn)
     if accelerator.gradient_accumulation_steps != config.gradient_accumulation_steps:  # DeepSpeed config overrides
         raise SetupError(
             f"the DeepSpeed config sets gradient_accumulation_steps={accelerator.gradient_accumulation_steps} but "
@@ -503,6 +506,7 @@ def train(config: FinetuneConfig) -> dict:
         "max_steps": max_steps,
         "layer_decay": layer_decay,
         "num_register_tokens": int(accelerator.unwrap_model(model).config.num_register_tokens),
+        "cpu_kernel_layers": kernelized,
         **summary,
         "train_loss": [],
         "eval": [],
@@ -526,7 +530,8 @@ def train(config: FinetuneConfig) -> dict:
         os.makedirs(config.output_dir, exist_ok=True)
     accelerator.print(
         f"Training {max_steps} steps ({epochs} epochs of {steps_per_epoch}), global batch {global_batch}, "
-        f"{accelerator.num_processes} process(es), {summary['trainable_parameters']:,} trainable parameters."
+        f"{accelerator.num_processes} process(es), {summary['trainable_parameters']:,} trainable parameters"
+        + (f", oneDNN CPU kernels in {kernelized} blocks." if kernelized else ".")
     )
     progress = tqdm(total=max_steps, initial=completed_steps, disable=not accelerator.is_local_main_process)
     started = time.perf_counter()
