@@ -553,7 +553,8 @@ class ViTRegistersModel(ViTRegistersPreTrainedModel):
     def split_tokens(self, tokens: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
         """Split a `(batch, tokens, hidden)` sequence into (CLS or None, registers incl. test-time, patches)."""
         groups = self.config.token_slices(tokens.shape[1])
-        cls_token = tokens[:, 0] if self.config.use_cls_token else None
+        (cls_slice,) = groups["cls"]
+        cls_token = tokens[:, cls_slice.start] if self.config.use_cls_token else None
         trained, test_time = (tokens[:, group] for group in groups["registers"])
         registers = torch.cat([trained, test_time], dim=1) if self.config.num_test_time_registers else trained
         return cls_token, registers, tokens[:, groups["patches"][0]]
