@@ -28,8 +28,9 @@ def run(args, context) -> dict:
             ANALYSIS: lambda x, m=model: analyze_batch(m, x),
         }
         times = time_alternating(functions, x, args.repeats, args.warmup, max_seconds=args.max_case_seconds)
-        case_rows = timing_rows("analysis", times, 1, reference="forward", arch=arch, image_size=image_size,
-                                batch_size=1)
+        case_rows = timing_rows(
+            "analysis", times, 1, reference="forward", arch=arch, image_size=image_size, batch_size=1
+        )
         for row in case_rows:
             row["times_forward"] = row.pop("ratio_ours_over_this")
         rows += case_rows
@@ -39,8 +40,13 @@ def run(args, context) -> dict:
 
 def format_table(rows: list[dict]) -> str:
     body = [
-        [arch_label(r["arch"]), f"{r['image_size']}²", r["implementation"], f"{1000 * r['median_s']:.0f}",
-         f"{r['times_forward']:.2f}×"]
+        [
+            arch_label(r["arch"]),
+            f"{r['image_size']}²",
+            r["implementation"],
+            f"{1000 * r['median_s']:.0f}",
+            f"{r['times_forward']:.2f}×",
+        ]
         for r in rows
     ]
     return markdown_table(["model", "image", "call (1 image)", "ms", "× plain forward"], body, "lrlrr")

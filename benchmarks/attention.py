@@ -78,8 +78,14 @@ def run(args, context) -> dict:
 
 def format_table(rows: list[dict]) -> str:
     body = [
-        [arch_label(r["arch"]), f"{r['image_size']}²", r["implementation"], f"{r['items_per_s']:.2f}",
-         f"{1000 * r['median_s']:.1f}", ratio_text(r["ratio_ours_over_this"], r.get("ratio_quartiles"))]
+        [
+            arch_label(r["arch"]),
+            f"{r['image_size']}²",
+            r["implementation"],
+            f"{r['items_per_s']:.2f}",
+            f"{1000 * r['median_s']:.1f}",
+            ratio_text(r["ratio_ours_over_this"], r.get("ratio_quartiles")),
+        ]
         for r in rows
     ]
     return markdown_table(["model", "image", "implementation", "maps/s", "ms", "ours / this"], body, "lrlrrr")

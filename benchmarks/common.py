@@ -15,7 +15,7 @@ import os
 import platform
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -36,6 +36,8 @@ IMPLEMENTATIONS = (OURS, NO_KERNELS, PREPACKED, "transformers-sdpa", "transforme
 def is_ours(name: str) -> bool:
     """Whether an implementation name is this project (plain, prepacked or compiled), not a peer."""
     return name == OURS or name.startswith(OURS + "+")
+
+
 PARITY_ATOL = 1e-3
 
 
@@ -52,7 +54,10 @@ def build_timm(arch: str, image_size: int, seed: int, timm_name: str | None = No
 
     torch.manual_seed(seed)
     model = timm.create_model(
-        timm_name or ARCHS[arch], pretrained=False, img_size=image_size, **{"num_classes": 0, **kwargs},
+        timm_name or ARCHS[arch],
+        pretrained=False,
+        img_size=image_size,
+        **{"num_classes": 0, **kwargs},
         **ARCH_OVERRIDES.get(arch, {}),
     )
     with torch.no_grad():
@@ -223,8 +228,14 @@ def synchronizer(device: str = "cpu") -> Callable[[], None]:
 
 
 @torch.inference_mode()
-def check_parity(forwards: dict[str, Callable], image_size: int, seed: int, reference: str = OURS,
-                 atol: float = PARITY_ATOL, device: str = "cpu") -> dict[str, float]:
+def check_parity(
+    forwards: dict[str, Callable],
+    image_size: int,
+    seed: int,
+    reference: str = OURS,
+    atol: float = PARITY_ATOL,
+    device: str = "cpu",
+) -> dict[str, float]:
     """Max abs difference of every implementation's output from `reference`'s; raise `ParityError` above `atol`."""
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(1, 3, image_size, image_size, generator=generator).to(device)
@@ -247,8 +258,9 @@ def check_parity(forwards: dict[str, Callable], image_size: int, seed: int, refe
 # ----------------------------------------------------------------------------------------------------------------------
 # Measurements
 # ----------------------------------------------------------------------------------------------------------------------
-def forward_flops(config, batch_size: int, image_size: int, num_register_tokens: int | None = None,
-                  extra_tokens: int = 0) -> float:
+def forward_flops(
+    config, batch_size: int, image_size: int, num_register_tokens: int | None = None, extra_tokens: int = 0
+) -> float:
     """FLOPs of one forward pass: 2 × multiply-adds of the patch embedding, attention and MLP matrix products."""
     registers = config.num_register_tokens if num_register_tokens is None else num_register_tokens
     patches = (image_size // config.patch_size) ** 2
@@ -304,8 +316,14 @@ def _device_gemm_peak(device: str, dtype: str, seconds: float, batch: int = 20) 
 
 
 def time_alternating(
-    functions: dict[str, Callable], x, repeats: int, warmup: int, grad: bool = False,
-    max_seconds: float | None = None, min_repeats: int = 3, sync: Callable[[], None] = lambda: None,
+    functions: dict[str, Callable],
+    x,
+    repeats: int,
+    warmup: int,
+    grad: bool = False,
+    max_seconds: float | None = None,
+    min_repeats: int = 3,
+    sync: Callable[[], None] = lambda: None,
 ) -> dict[str, list[float]]:
     """Seconds per call of each function; they alternate, the order rotating every round. Without `grad` the calls
     run under `torch.inference_mode()`. `sync` waits for queued device work (`synchronizer`) after each call.
@@ -367,9 +385,15 @@ def timing_rows(section: str, times: dict[str, list[float]], items: int, referen
         ratios = paired_ratios(samples, times[reference])
         rows.append(
             dict(
-                section=section, **case, implementation=name, median_s=median, items_per_s=items / median,
-                ratio_ours_over_this=statistics.median(ratios), ratio_quartiles=quartiles(ratios),
-                ratio_of_medians=median / reference_median, times_s=samples,
+                section=section,
+                **case,
+                implementation=name,
+                median_s=median,
+                items_per_s=items / median,
+                ratio_ours_over_this=statistics.median(ratios),
+                ratio_quartiles=quartiles(ratios),
+                ratio_of_medians=median / reference_median,
+                times_s=samples,
             )
         )
     return rows
@@ -516,9 +540,18 @@ def best_peer(rows: list[dict]) -> list[dict]:
             if not ratios:
                 continue
             ratio, spread, best = min(ratios, key=lambda entry: entry[0])
-            summary.append(dict(arch=arch, image_size=image_size, batch_size=batch_size, compiled=bool(suffix),
-                                implementation=reference["implementation"], best_peer=best["implementation"],
-                                ratio=ratio, quartiles=spread))
+            summary.append(
+                dict(
+                    arch=arch,
+                    image_size=image_size,
+                    batch_size=batch_size,
+                    compiled=bool(suffix),
+                    implementation=reference["implementation"],
+                    best_peer=best["implementation"],
+                    ratio=ratio,
+                    quartiles=spread,
+                )
+            )
     return summary
 
 
@@ -529,7 +562,8 @@ def best_peer_text(summary: list[dict]) -> str:
         cases = [
             f"{s['arch']} {s['image_size']}² b{s['batch_size']}{' compiled' if s['compiled'] else ''}: "
             f"{ratio_text(s['ratio'], s.get('quartiles'))} ({s['best_peer']})"
-            for s in summary if s["implementation"].removesuffix("+compile") == name
+            for s in summary
+            if s["implementation"].removesuffix("+compile") == name
         ]
         lead = "Against the best peer" if name == OURS else f"{name} against the best peer"
         sentences.append(f"{lead}: " + "; ".join(cases) + ".")

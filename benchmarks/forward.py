@@ -26,9 +26,20 @@ from .common import (
 )
 
 
-def run_case(arch: str, image_size: int, batch_size: int, repeats: int, warmup: int, seed: int, peak: float | None,
-             names, compile: bool = False, max_seconds: float | None = None, device: str = "cpu",
-             dtype: str = "float32"):
+def run_case(
+    arch: str,
+    image_size: int,
+    batch_size: int,
+    repeats: int,
+    warmup: int,
+    seed: int,
+    peak: float | None,
+    names,
+    compile: bool = False,
+    max_seconds: float | None = None,
+    device: str = "cpu",
+    dtype: str = "float32",
+):
     """Time one case on `device` in `dtype`; returns (rows, parity differences, our config)."""
     forwards, config, parity = build_placed_implementations(arch, image_size, seed, names, device, dtype)
     x = torch.randn(batch_size, 3, image_size, image_size, generator=torch.Generator().manual_seed(seed))
@@ -61,8 +72,16 @@ def run_case(arch: str, image_size: int, batch_size: int, repeats: int, warmup: 
 
 
 @torch.inference_mode()
-def register_cost(base, image_size: int, batch_size: int, counts=(0, 1, 4, 16), repeats: int = 0,
-                  warmup: int = 1, seed: int = 0, max_seconds: float | None = None) -> list[dict]:
+def register_cost(
+    base,
+    image_size: int,
+    batch_size: int,
+    counts=(0, 1, 4, 16),
+    repeats: int = 0,
+    warmup: int = 1,
+    seed: int = 0,
+    max_seconds: float | None = None,
+) -> list[dict]:
     """FLOPs (and, with `repeats > 0`, throughput) of our model (config `base`) with 0, 1, 4, 16 registers."""
     from vit_registers import ViTRegistersModel
 
@@ -91,10 +110,18 @@ def format_table(rows: list[dict]) -> str:
     body = []
     for r in rows:
         peak = "—" if r["gemm_fraction"] is None else f"{100 * r['gemm_fraction']:.0f} %"
-        body.append([
-            arch_label(r["arch"]), f"{r['image_size']}²", r["batch_size"], r["implementation"],
-            f"{r['images_per_s']:.1f}", ratio_text(r["ratio_ours_over_this"], r.get("ratio_quartiles")), f"{r['gflops']:.1f}", peak,
-        ])
+        body.append(
+            [
+                arch_label(r["arch"]),
+                f"{r['image_size']}²",
+                r["batch_size"],
+                r["implementation"],
+                f"{r['images_per_s']:.1f}",
+                ratio_text(r["ratio_ours_over_this"], r.get("ratio_quartiles")),
+                f"{r['gflops']:.1f}",
+                peak,
+            ]
+        )
     return markdown_table(
         ["model", "image", "batch", "implementation", "img/s", "ours / this", "GFLOPs", "% GEMM peak"], body, "lrrlrrrr"
     )
@@ -115,8 +142,18 @@ def run(args, context) -> dict:
         for image_size in args.image_sizes:
             for batch_size in args.batch_sizes:
                 case_rows, case_parity, configs[arch] = run_case(
-                    arch, image_size, batch_size, args.repeats, args.warmup, args.seed, context.peak,
-                    args.implementations, args.compile, args.max_case_seconds, args.device, args.dtype,
+                    arch,
+                    image_size,
+                    batch_size,
+                    args.repeats,
+                    args.warmup,
+                    args.seed,
+                    context.peak,
+                    args.implementations,
+                    args.compile,
+                    args.max_case_seconds,
+                    args.device,
+                    args.dtype,
                 )
                 rows += case_rows
                 parity[f"{arch}@{image_size}"] = case_parity
@@ -126,13 +163,20 @@ def run(args, context) -> dict:
 
 def run_registers(args, context) -> dict:
     """Cost of 0, 1, 4, 16 registers on the first arch, first image size, last batch size."""
-    from .common import ARCHS, build_timm
     from vit_registers.conversion import convert
+
+    from .common import ARCHS, build_timm
 
     arch, image_size, batch_size = args.archs[0], args.image_sizes[0], args.batch_sizes[-1]
     config = convert("timm", build_timm(arch, image_size, args.seed).state_dict(), arch=ARCHS[arch]).config
-    rows = register_cost(config, image_size, batch_size, repeats=0 if args.quick else args.repeats, seed=args.seed,
-                         max_seconds=args.max_case_seconds)
+    rows = register_cost(
+        config,
+        image_size,
+        batch_size,
+        repeats=0 if args.quick else args.repeats,
+        seed=args.seed,
+        max_seconds=args.max_case_seconds,
+    )
     for row in rows:
         row.update(arch=arch, image_size=image_size, batch_size=batch_size)
     title = f"{arch_label(arch, None)}, {image_size}², batch {batch_size}; FLOPs counted analytically:"

@@ -52,8 +52,11 @@ def run(args, context) -> dict:
                 tokens_ttr = edited(pixel_values=x).last_hidden_state
             if tokens_ttr.shape[1] != tokens_plain.shape[1] + 1:
                 raise RuntimeError("test-time registers did not add one token: the intervention is not active")
-            checks[f"{arch}@{image_size}"] = {"extra_tokens": 1, "neurons": sum(len(u) for u in neurons.values()),
-                                              "layers": len(neurons)}
+            checks[f"{arch}@{image_size}"] = {
+                "extra_tokens": 1,
+                "neurons": sum(len(u) for u in neurons.values()),
+                "layers": len(neurons),
+            }
             forwards = {
                 OURS: lambda x, m=plain: m(pixel_values=x).last_hidden_state,
                 WITH_TTR: lambda x, m=edited: m(pixel_values=x).last_hidden_state,
@@ -71,8 +74,14 @@ def run(args, context) -> dict:
 
 def format_table(rows: list[dict]) -> str:
     body = [
-        [arch_label(r["arch"]), f"{r['image_size']}²", r["batch_size"], r["implementation"],
-         f"{r['items_per_s']:.2f}", f"{r['throughput_vs_plain']:.3f}"]
+        [
+            arch_label(r["arch"]),
+            f"{r['image_size']}²",
+            r["batch_size"],
+            r["implementation"],
+            f"{r['items_per_s']:.2f}",
+            f"{r['throughput_vs_plain']:.3f}",
+        ]
         for r in rows
     ]
     return markdown_table(["model", "image", "batch", "forward", "img/s", "throughput vs plain"], body, "lrrlrr")

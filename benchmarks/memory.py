@@ -129,8 +129,14 @@ def run(args, context) -> dict:
         for image_size in args.image_sizes:
             for batch_size in args.batch_sizes:
                 samples = measure_alternating(
-                    args.implementations, args.memory_repeats, kind="inference", arch=arch, image_size=image_size,
-                    batch_size=batch_size, seed=args.seed, threads=threads,
+                    args.implementations,
+                    args.memory_repeats,
+                    kind="inference",
+                    arch=arch,
+                    image_size=image_size,
+                    batch_size=batch_size,
+                    seed=args.seed,
+                    threads=threads,
                 )
                 case_rows = case_memory_rows(
                     "memory", samples, "inference_mb", arch=arch, image_size=image_size, batch_size=batch_size
@@ -152,8 +158,14 @@ def run_training(args, context) -> dict:
     image_size, batch_size = args.training_image_size, args.training_batch_size
     for arch in args.archs:
         samples = measure_alternating(
-            TRAINING_IMPLEMENTATIONS, args.memory_repeats, kind="training", arch=arch, image_size=image_size,
-            batch_size=batch_size, seed=args.seed, threads=threads,
+            TRAINING_IMPLEMENTATIONS,
+            args.memory_repeats,
+            kind="training",
+            arch=arch,
+            image_size=image_size,
+            batch_size=batch_size,
+            seed=args.seed,
+            threads=threads,
         )
         case_rows = case_memory_rows(
             "training-memory", samples, "step_mb", arch=arch, image_size=image_size, batch_size=batch_size
@@ -169,13 +181,18 @@ def case_memory_rows(section: str, samples: dict[str, list[dict]], key: str, **c
     measurable."""
     rows = []
     for name, results in samples.items():
-        rows.append(dict(
-            section=section, **case, implementation=name,
-            **{key: statistics.median(r["delta_bytes"] for r in results) / MB},
-            peak_mb=statistics.median(r["peak_bytes"] for r in results) / MB,
-            baseline_mb=statistics.median(r["baseline_bytes"] for r in results) / MB,
-            method=results[0]["method"], samples=results,
-        ))
+        rows.append(
+            dict(
+                section=section,
+                **case,
+                implementation=name,
+                **{key: statistics.median(r["delta_bytes"] for r in results) / MB},
+                peak_mb=statistics.median(r["peak_bytes"] for r in results) / MB,
+                baseline_mb=statistics.median(r["baseline_bytes"] for r in results) / MB,
+                method=results[0]["method"],
+                samples=results,
+            )
+        )
     ours = next(r for r in rows if r["implementation"] == OURS)
     for row in rows:
         row["ratio_ours_over_this"] = row[key] / ours[key] if ours[key] > 0 else None
@@ -186,14 +203,22 @@ def case_memory_rows(section: str, samples: dict[str, list[dict]], key: str, **c
 def format_table(rows: list[dict], key: str = "inference_mb") -> str:
     measured = {"inference_mb": "inference MiB", "step_mb": "step MiB"}[key]
     body = [
-        [arch_label(r["arch"]), f"{r['image_size']}²", r["batch_size"], r["implementation"],
-         f"{r[key]:.0f}",
-         ratio_text(r["ratio_ours_over_this"]), f"{r['peak_mb']:.0f}", ratio_text(r["peak_ratio_ours_over_this"])]
+        [
+            arch_label(r["arch"]),
+            f"{r['image_size']}²",
+            r["batch_size"],
+            r["implementation"],
+            f"{r[key]:.0f}",
+            ratio_text(r["ratio_ours_over_this"]),
+            f"{r['peak_mb']:.0f}",
+            ratio_text(r["peak_ratio_ours_over_this"]),
+        ]
         for r in rows
     ]
     return markdown_table(
         ["model", "image", "batch", "implementation", measured, "this / ours", "peak RSS MiB", "this / ours"],
-        body, "lrrlrrrr",
+        body,
+        "lrrlrrrr",
     )
 
 
@@ -224,10 +249,17 @@ def run_conversion(args, context) -> dict:
         result = measure(spec)
         stages = measure({**spec, "kind": "conversion-stages"})["stages"]
     row = dict(
-        section="conversion", arch=arch, checkpoint_mb=size / MB, baseline_mb=result["baseline_bytes"] / MB,
-        peak_mb=result["peak_bytes"] / MB, conversion_mb=result["delta_bytes"] / MB,
-        conversion_over_file=result["delta_bytes"] / size, peak_over_file=result["peak_bytes"] / size,
-        seconds=result["seconds"], method=result["method"], goal_over_file=2.5,
+        section="conversion",
+        arch=arch,
+        checkpoint_mb=size / MB,
+        baseline_mb=result["baseline_bytes"] / MB,
+        peak_mb=result["peak_bytes"] / MB,
+        conversion_mb=result["delta_bytes"] / MB,
+        conversion_over_file=result["delta_bytes"] / size,
+        peak_over_file=result["peak_bytes"] / size,
+        seconds=result["seconds"],
+        method=result["method"],
+        goal_over_file=2.5,
         stages_mb={name: value / MB for name, value in stages.items()},
     )
     context.log(format_conversion_table([row]))
@@ -238,15 +270,31 @@ def format_conversion_table(rows: list[dict]) -> str:
     body = []
     for r in rows:
         stages = ", ".join(f"{name} {value:.0f}" for name, value in r["stages_mb"].items())
-        body.append([
-            f"ViT-{r['arch']} (official .pth)", f"{r['checkpoint_mb']:.0f}", f"{r['conversion_mb']:.0f}",
-            f"{r['conversion_over_file']:.2f}×", f"{r['peak_mb']:.0f}", f"{r['peak_over_file']:.2f}×",
-            f"{r['seconds']:.1f}", stages,
-        ])
+        body.append(
+            [
+                f"ViT-{r['arch']} (official .pth)",
+                f"{r['checkpoint_mb']:.0f}",
+                f"{r['conversion_mb']:.0f}",
+                f"{r['conversion_over_file']:.2f}×",
+                f"{r['peak_mb']:.0f}",
+                f"{r['peak_over_file']:.2f}×",
+                f"{r['seconds']:.1f}",
+                stages,
+            ]
+        )
     return markdown_table(
-        ["checkpoint", "file MiB", "convert MiB (peak − imports)", "× file", "peak RSS MiB", "× file", "s",
-         "RSS after each stage (MiB)"],
-        body, "lrrrrrrl",
+        [
+            "checkpoint",
+            "file MiB",
+            "convert MiB (peak − imports)",
+            "× file",
+            "peak RSS MiB",
+            "× file",
+            "s",
+            "RSS after each stage (MiB)",
+        ],
+        body,
+        "lrrrrrrl",
     )
 
 
@@ -337,8 +385,11 @@ def _worker(spec: dict) -> dict:
     seconds = time.perf_counter() - start
     peak = peak_rss_bytes()
     return {
-        "baseline_bytes": baseline, "peak_bytes": peak, "delta_bytes": max(0, peak - baseline),
-        "method": method, "seconds": seconds,
+        "baseline_bytes": baseline,
+        "peak_bytes": peak,
+        "delta_bytes": max(0, peak - baseline),
+        "method": method,
+        "seconds": seconds,
     }
 
 

@@ -29,8 +29,8 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 if __name__ == "__main__" and not __package__:  # `python benchmarks/run.py`: run as the package's entry point
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -137,35 +137,45 @@ def _seconds(text: str) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m benchmarks", description=__doc__.split("\n\n")[0],
-        epilog="\n\n".join(__doc__.split("\n\n")[2:]), formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="python -m benchmarks",
+        description=__doc__.split("\n\n")[0],
+        epilog="\n\n".join(__doc__.split("\n\n")[2:]),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
         "--sections", type=_csv(str), default=list(SECTIONS), help="comma list of " + ", ".join(SECTIONS)
     )
     parser.add_argument(
-        "--quick", action="store_true",
+        "--quick",
+        action="store_true",
         help="CI smoke: ViT-S/14, 112², batch 1, 2 repeats, conversion of ViT-S (explicit options win)",
     )
     parser.add_argument("--archs", type=_csv(str), help="comma list of " + ", ".join(ARCHS) + " (default S/14,B/14)")
     parser.add_argument("--image-sizes", type=_csv(int), help="forward/memory/test-time-registers (default 224,518)")
-    parser.add_argument("--batch-sizes", type=_csv(int), help="forward/memory (default 1,8); the last one is used by "
-                        "registers and test-time-registers")
+    parser.add_argument(
+        "--batch-sizes",
+        type=_csv(int),
+        help="forward/memory (default 1,8); the last one is used by registers and test-time-registers",
+    )
     parser.add_argument("--attention-sizes", type=_csv(int), help="attention and analysis (default 224,518)")
     parser.add_argument(
-        "--implementations", type=_csv(str), default=None,
+        "--implementations",
+        type=_csv(str),
+        default=None,
         help="forward/memory: comma list of " + ", ".join(IMPLEMENTATIONS),
     )
     parser.add_argument("--repeats", type=positive_int, help="timed rounds per case (default 10)")
     parser.add_argument("--warmup", type=positive_int, help="untimed rounds per case (default 2)")
     parser.add_argument(
-        "--max-case-seconds", type=_seconds,
+        "--max-case-seconds",
+        type=_seconds,
         help="cap the timed rounds of a slow case at about this many seconds, never below 3 (default 60; 0: no cap)",
     )
     parser.add_argument("--training-image-size", type=positive_int, help="default 224")
     parser.add_argument("--training-batch-size", type=positive_int, help="default 8")
     parser.add_argument(
-        "--memory-repeats", type=positive_int,
+        "--memory-repeats",
+        type=positive_int,
         help="memory, training-memory: fresh processes per implementation and case (1)",
     )
     parser.add_argument("--conversion-arch", choices=list(memory.CONVERSION_ARCHS), help="default L/14")
@@ -173,16 +183,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=positive_int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--compile", action="store_true", help="forward: also time torch.compile'd versions")
     parser.add_argument(
-        "--device", default="cpu",
+        "--device",
+        default="cpu",
         help="forward, training: cpu (default) or cuda[:index]; parity is checked there in float32 (other sections "
         "run on the CPU in float32 and refuse other settings)",
     )
     parser.add_argument(
-        "--dtype", choices=DTYPES, default="float32",
+        "--dtype",
+        choices=DTYPES,
+        default="float32",
         help="forward: the models' dtype; training: autocast to it with float32 weights (default float32)",
     )
     parser.add_argument(
-        "--allocator", choices=("glibc", "tuned"), default="glibc",
+        "--allocator",
+        choices=("glibc", "tuned"),
+        default="glibc",
         help="glibc: glibc's defaults (default); tuned: freed tensor memory stays in the process for every "
         "implementation (vit_registers.cpu_allocator)",
     )
@@ -249,8 +264,11 @@ def _check_device(args, chosen_implementations: bool = False) -> list[str]:
             f"{', '.join(elsewhere)}"
         )
     if PREPACKED in args.implementations and chosen_implementations:
-        print(f"benchmarks: note: no {PREPACKED} row in {args.dtype} on {args.device} (its packs are oneDNN's float32 "
-              "CPU layout)", file=sys.stderr)
+        print(
+            f"benchmarks: note: no {PREPACKED} row in {args.dtype} on {args.device} (its packs are oneDNN's float32 "
+            "CPU layout)",
+            file=sys.stderr,
+        )
     args.implementations = [i for i in args.implementations if i != PREPACKED]
     return problems
 
@@ -270,13 +288,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"benchmarks: error: the benchmarks need timm and transformers ({error})", file=sys.stderr)
         return 2
     if args.allocator == "glibc" and cpu_allocator_tuned():
-        print("benchmarks: error: --allocator glibc: glibc's allocator was already tuned in this process "
-              "(vit_registers.cpu_allocator), which cannot be undone; run the benchmarks in a fresh process",
-              file=sys.stderr)
+        print(
+            "benchmarks: error: --allocator glibc: glibc's allocator was already tuned in this process "
+            "(vit_registers.cpu_allocator), which cannot be undone; run the benchmarks in a fresh process",
+            file=sys.stderr,
+        )
         return 2
     if args.allocator == "tuned" and not tune_cpu_allocator("tuned"):
-        print("benchmarks: warning: --allocator tuned changed nothing (not glibc, or the allocator is set outside); "
-              "the report header says which allocator ran", file=sys.stderr)
+        print(
+            "benchmarks: warning: --allocator tuned changed nothing (not glibc, or the allocator is set outside); "
+            "the report header says which allocator ran",
+            file=sys.stderr,
+        )
     threads = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -293,8 +316,10 @@ def _run(args) -> int:
     except (RuntimeError, ValueError) as error:
         print(f"benchmarks: error: GEMM peak on {args.device} in {args.dtype}: {error}", file=sys.stderr)
         return 1
-    print(f"{args.dtype} GEMM peak on {args.device}: {peak / 1e9:.1f} GFLOP/s ({torch.get_num_threads()} CPU threads)",
-          file=sys.stderr)
+    print(
+        f"{args.dtype} GEMM peak on {args.device}: {peak / 1e9:.1f} GFLOP/s ({torch.get_num_threads()} CPU threads)",
+        file=sys.stderr,
+    )
     context = Context(peak)
     result = {
         "machine": machine_info(args.device),
@@ -347,8 +372,10 @@ def render(result: dict, tables: list[str]) -> str:
     if device != "cpu" or dtype != "float32":
         gpu = machine.get("device_name")
         if gpu:
-            header = (f"On {gpu} (CUDA {machine.get('cuda')}, compute capability {machine.get('compute_capability')}), "
-                      "host: " + header[len("Measured on "):])
+            header = (
+                f"On {gpu} (CUDA {machine.get('cuda')}, compute capability {machine.get('compute_capability')}), "
+                "host: " + header[len("Measured on ") :]
+            )
         header += f"{dtype} on {device} (training: autocast, float32 weights); {dtype} "
     else:
         header += "fp32 "

@@ -29,8 +29,10 @@ def _random_model(directory: Path, arch: str) -> str:
 
     from vit_registers import ViTRegistersConfig, ViTRegistersModel
 
-    sizes = {"tiny": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4),
-             "S/14": dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6)}
+    sizes = {
+        "tiny": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4),
+        "S/14": dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6),
+    }
     torch.manual_seed(0)
     config = ViTRegistersConfig(image_size=224, patch_size=14, num_register_tokens=4, **sizes[arch])
     ViTRegistersModel(config).save_pretrained(directory)
@@ -48,8 +50,9 @@ def measure(url: str, image: str, models: list[str], repeats: int = 3, test_time
 
     def once() -> float:
         start = time.perf_counter()
-        result = client.predict(handle_file(image), models, test_time_registers, -1, "percentile", 98.0, 150.0,
-                                api_name="/analyze")
+        result = client.predict(
+            handle_file(image), models, test_time_registers, -1, "percentile", 98.0, 150.0, api_name="/analyze"
+        )
         elapsed = time.perf_counter() - start
         out = api_outputs(result)
         assert len(out["models"]) == len(models) and all(Path(m["norms"]).stat().st_size > 0 for m in out["models"])
@@ -57,16 +60,30 @@ def measure(url: str, image: str, models: list[str], repeats: int = 3, test_time
 
     first = once()
     times = [once() for _ in range(repeats)]
-    return {"first_request_s": round(first, 3), "median_s": round(statistics.median(times), 3),
-            "min_s": round(min(times), 3), "max_s": round(max(times), 3), "repeats": repeats}
+    return {
+        "first_request_s": round(first, 3),
+        "median_s": round(statistics.median(times), 3),
+        "min_s": round(min(times), 3),
+        "max_s": round(max(times), 3),
+        "repeats": repeats,
+    }
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", action="append", default=None, metavar="PATH_OR_ID",
-                        help="model(s) to analyse (default: the embedded models, else a random --arch model)")
-    parser.add_argument("--arch", choices=("tiny", "S/14"), default="S/14",
-                        help="random model used when no model is given and none is embedded (default: S/14)")
+    parser.add_argument(
+        "--model",
+        action="append",
+        default=None,
+        metavar="PATH_OR_ID",
+        help="model(s) to analyse (default: the embedded models, else a random --arch model)",
+    )
+    parser.add_argument(
+        "--arch",
+        choices=("tiny", "S/14"),
+        default="S/14",
+        help="random model used when no model is given and none is embedded (default: S/14)",
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--test-time-registers", action="store_true")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
@@ -98,8 +115,13 @@ def main(argv=None) -> int:
                 "image": Path(image).name,
                 "torch_threads": torch.get_num_threads(),
                 "max_side": space.DEFAULT_MAX_SIDE,
-                **measure(f"http://127.0.0.1:{port}/", image, list(models)[: space.MAX_MODELS], args.repeats,
-                          args.test_time_registers),
+                **measure(
+                    f"http://127.0.0.1:{port}/",
+                    image,
+                    list(models)[: space.MAX_MODELS],
+                    args.repeats,
+                    args.test_time_registers,
+                ),
             }
         finally:
             demo.close()

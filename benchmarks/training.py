@@ -43,6 +43,7 @@ def build_classifiers(arch: str, image_size: int, seed: int, names=IMPLEMENTATIO
     config = backbone.config.__class__.from_dict(
         {**backbone.config.to_dict(), "pooling": "cls_mean", "num_labels": NUM_LABELS}
     )
+
     def ours_state(target):
         generator = torch.Generator().manual_seed(seed)
         state = {f"vit_registers.{k}": v.clone() for k, v in backbone.state_dict().items()}
@@ -61,8 +62,9 @@ def build_classifiers(arch: str, image_size: int, seed: int, names=IMPLEMENTATIO
         hf_config = transformers_config(
             backbone.config, name.split("-", 1)[1], id2label={i: f"LABEL_{i}" for i in range(NUM_LABELS)}
         )
+
         def state_for(target, prefix="dinov2_with_registers."):
-            backbone_keys = {k[len(prefix):]: v for k, v in target.items() if k.startswith(prefix)}
+            backbone_keys = {k[len(prefix) :]: v for k, v in target.items() if k.startswith(prefix)}
             state = {prefix + k: v for k, v in transformers_state_dict(backbone, backbone_keys).items()}
             state["classifier.weight"] = ours.classifier.weight.detach().clone()
             state["classifier.bias"] = ours.classifier.bias.detach().clone()
@@ -139,8 +141,13 @@ def run(args, context) -> dict:
         parity[f"{arch}@{image_size}"] = check_training_parity(models, image_size, args.seed, args.device)
         x, labels = training_batch(batch_size, image_size, args.seed, args.device)
         times = time_alternating(
-            training_steps(models, labels, args.dtype), x, args.repeats, args.warmup, grad=True,
-            max_seconds=args.max_case_seconds, sync=synchronizer(args.device),
+            training_steps(models, labels, args.dtype),
+            x,
+            args.repeats,
+            args.warmup,
+            grad=True,
+            max_seconds=args.max_case_seconds,
+            sync=synchronizer(args.device),
         )
         case_rows = timing_rows("training", times, batch_size, arch=arch, image_size=image_size, batch_size=batch_size)
         rows += case_rows
@@ -150,8 +157,15 @@ def run(args, context) -> dict:
 
 def format_table(rows: list[dict]) -> str:
     body = [
-        [arch_label(r["arch"]), f"{r['image_size']}²", r["batch_size"], r["implementation"], f"{r['items_per_s']:.2f}",
-         f"{r['median_s']:.3f}", ratio_text(r["ratio_ours_over_this"], r.get("ratio_quartiles"))]
+        [
+            arch_label(r["arch"]),
+            f"{r['image_size']}²",
+            r["batch_size"],
+            r["implementation"],
+            f"{r['items_per_s']:.2f}",
+            f"{r['median_s']:.3f}",
+            ratio_text(r["ratio_ours_over_this"], r.get("ratio_quartiles")),
+        ]
         for r in rows
     ]
     return markdown_table(

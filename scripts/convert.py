@@ -18,17 +18,20 @@ from pathlib import Path
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--source", required=True, choices=["dinov2", "timm", "transformers"],
-                        help="checkpoint family")
-    parser.add_argument("--checkpoint", required=True,
-                        help=".pth/.safetensors/.bin file, or a transformers model directory")
-    parser.add_argument("--arch", default=None,
-                        help="official hub name (e.g. dinov2_vits14_reg) or timm model name")
+    parser.add_argument("--source", required=True, choices=["dinov2", "timm", "transformers"], help="checkpoint family")
+    parser.add_argument(
+        "--checkpoint", required=True, help=".pth/.safetensors/.bin file, or a transformers model directory"
+    )
+    parser.add_argument("--arch", default=None, help="official hub name (e.g. dinov2_vits14_reg) or timm model name")
     parser.add_argument("--output-dir", required=True, help="new (or empty) directory to write the model to")
     parser.add_argument("--push-to-hub", default=None, metavar="ORG/NAME", help="upload the result to this repo")
     parser.add_argument("--private", action="store_true", help="create the Hub repo as private")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
-                        help="dtype of the saved weights (verification always runs in float32)")
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "float16", "bfloat16"],
+        help="dtype of the saved weights (verification always runs in float32)",
+    )
     return parser
 
 
@@ -40,8 +43,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     output = Path(args.output_dir)
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
-        print(f"error: Output directory {output} already exists and is not empty; choose a new --output-dir.",
-              file=sys.stderr)
+        print(
+            f"error: Output directory {output} already exists and is not empty; choose a new --output-dir.",
+            file=sys.stderr,
+        )
         return 1
 
     from vit_registers.conversion import ConversionError

@@ -50,8 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no")
     run.add_argument("--checkpointing-steps", type=int, help="Save the full training state every N steps.")
     run.add_argument("--resume-from-checkpoint", help="A checkpoint folder, or 'latest' in --output-dir.")
-    run.add_argument("--crop-scale-min", type=float, default=0.08,
-                     help="Smallest area fraction of RandomResizedCrop (default 0.08, as DeiT; raise it when objects are small).")
+    run.add_argument(
+        "--crop-scale-min",
+        type=float,
+        default=0.08,
+        help="Smallest area fraction of RandomResizedCrop (default 0.08, as DeiT; raise it when objects are small).",
+    )
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--push-to-hub", metavar="ORG/NAME", help="Upload the final model, processor and card.")
     return parser

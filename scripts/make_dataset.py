@@ -24,12 +24,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output-dir", required=True, help="directory to write train/, validation/, test/ into")
     parser.add_argument("--seed", type=non_negative_int, default=0, help="random seed (default: 0)")
     parser.add_argument(
-        "--image-size", type=positive_int, default=DEFAULT_IMAGE_SIZE,
+        "--image-size",
+        type=positive_int,
+        default=DEFAULT_IMAGE_SIZE,
         help=f"side of the square images in pixels (default: {DEFAULT_IMAGE_SIZE})",
     )
     for split in ("train", "validation", "test"):
         parser.add_argument(
-            f"--num-{split}", type=positive_int, default=DEFAULT_COUNTS[split],
+            f"--num-{split}",
+            type=positive_int,
+            default=DEFAULT_COUNTS[split],
             help=f"{split} images per class (default: {DEFAULT_COUNTS[split]})",
         )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset in --output-dir")

@@ -23,8 +23,13 @@ KEEP = ("config.json", "model.safetensors", "preprocessor_config.json", "trainin
 
 def training_command(name: str) -> str:
     script = (ROOT / "scripts" / "train_default_models.sh").read_text()
-    body = script[script.index("OMP_NUM_THREADS=1") : script.index("> \"$out.$name.log\"")]
-    body = body.replace("\\\n", " ").replace("$name", name).replace("$python", "python").replace('"$out/' + name + '"', f"runs/default-models/{name}")
+    body = script[script.index("OMP_NUM_THREADS=1") : script.index('> "$out.$name.log"')]
+    body = (
+        body.replace("\\\n", " ")
+        .replace("$name", name)
+        .replace("$python", "python")
+        .replace('"$out/' + name + '"', f"runs/default-models/{name}")
+    )
     return "python scripts/make_dataset.py --output-dir data/synthetic-objects --seed 0\n" + " ".join(body.split())
 
 
@@ -69,8 +74,8 @@ def main(argv=None) -> int:
         log = json.loads((source / "training_log.json").read_text())
         summary = (
             f"{log.get('completed_steps')} steps, global batch {log.get('global_batch_size')}, "
-            f"{log.get('train_seconds', 0) / 60:.1f} min on a 2-core CPU (one thread per model, both in parallel). Final "
-            f"validation accuracy {100 * log['final_metrics'].get('eval_accuracy', float('nan')):.1f} %."
+            f"{log.get('train_seconds', 0) / 60:.1f} min on a 2-core CPU (one thread per model, both in parallel). "
+            f"Final validation accuracy {100 * log['final_metrics'].get('eval_accuracy', float('nan')):.1f} %."
         )
         architecture = (
             f"patch {config['patch_size']}, image {config['image_size']}, width {config['hidden_size']}, "
@@ -79,14 +84,22 @@ def main(argv=None) -> int:
             f"{registers} registers, a linear classifier over {len(config['id2label'])} classes."
         )
         card_data = ModelCardData(
-            license="apache-2.0", library_name="transformers", pipeline_tag="image-classification",
+            license="apache-2.0",
+            library_name="transformers",
+            pipeline_tag="image-classification",
             tags=["vit-registers", "vision-transformer", "registers", "image-classification"],
             datasets=["synthetic-objects (scripts/make_dataset.py)"],
         )
         card = ModelCard.from_template(
-            card_data, template_path=str(ROOT / "model_cards" / "default_model.md"), model_name=name,
-            twin_name=MODEL_NAMES[4 - registers], num_register_tokens=registers, architecture=architecture,
-            training_command=training_command(name), training_summary=summary, results_table=results,
+            card_data,
+            template_path=str(ROOT / "model_cards" / "default_model.md"),
+            model_name=name,
+            twin_name=MODEL_NAMES[4 - registers],
+            num_register_tokens=registers,
+            architecture=architecture,
+            training_command=training_command(name),
+            training_summary=summary,
+            results_table=results,
             layer_table=layer_table(study),
         )
         card.save(target / "README.md")

@@ -42,7 +42,17 @@ USER = "test-user"
 ORGS = ("test-org",)
 TOKEN = "hf_testserver_secret_token_0123456789"
 LFS_THRESHOLD = 10 * 1024 * 1024  # the Hub stores files above 10 MiB with LFS …
-LFS_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.h5", "*.onnx", "*.npz", "*.msgpack")  # … and these
+LFS_PATTERNS = (
+    "*.safetensors",
+    "*.bin",
+    "*.pt",
+    "*.pth",
+    "*.ckpt",
+    "*.h5",
+    "*.onnx",
+    "*.npz",
+    "*.msgpack",
+)  # … and these
 REPO_TYPES = {"models": "model", "datasets": "dataset"}
 URL_PREFIX = {"model": "", "dataset": "datasets/"}
 GITATTRIBUTES = "".join(f"{p} filter=lfs diff=lfs merge=lfs -text\n" for p in LFS_PATTERNS).encode()
@@ -116,7 +126,7 @@ class HubServer:
         self._thread: threading.Thread | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------------------------
-    def start(self) -> "HubServer":
+    def start(self) -> HubServer:
         if self._thread is None:
             self._thread = threading.Thread(target=self.httpd.serve_forever, name="hub-server", daemon=True)
             self._thread.start()
@@ -274,13 +284,16 @@ class _Handler(BaseHTTPRequestHandler):
     def whoami(self, query):
         if self._authenticated_user() is None:
             raise HttpError(401, "Invalid credentials in Authorization header")
-        self._send_json(200, {
-            "type": "user",
-            "name": USER,
-            "fullname": "Test User",
-            "orgs": [{"type": "org", "name": org, "roleInOrg": "write"} for org in ORGS],
-            "auth": {"type": "access_token", "accessToken": {"displayName": "tests", "role": "write"}},
-        })
+        self._send_json(
+            200,
+            {
+                "type": "user",
+                "name": USER,
+                "fullname": "Test User",
+                "orgs": [{"type": "org", "name": org, "roleInOrg": "write"} for org in ORGS],
+                "auth": {"type": "access_token", "accessToken": {"displayName": "tests", "role": "write"}},
+            },
+        )
 
     def create_repo(self, query):
         payload = self._json_body()
@@ -452,7 +465,7 @@ class _Handler(BaseHTTPRequestHandler):
         for file_path, stored in sorted(commit.files.items()):
             if not file_path.startswith(prefix):
                 continue
-            parts = file_path[len(prefix):].split("/")
+            parts = file_path[len(prefix) :].split("/")
             for depth in range(1, len(parts) if recursive else min(2, len(parts))):
                 folders.add(prefix + "/".join(parts[:depth]))
             if recursive or len(parts) == 1:
@@ -472,15 +485,24 @@ class _Handler(BaseHTTPRequestHandler):
         commit = self._get_commit(repo, revision)
         stored = commit.files.get(unquote(path))
         if stored is None:
-            headers = {"X-Repo-Commit": commit.oid, "X-Error-Code": "EntryNotFound",
-                       "X-Error-Message": "Entry not found", "Content-Type": "application/json"}
+            headers = {
+                "X-Repo-Commit": commit.oid,
+                "X-Error-Code": "EntryNotFound",
+                "X-Error-Message": "Entry not found",
+                "Content-Type": "application/json",
+            }
             self._send(404, b'{"error":"Entry not found"}', headers, head_only=self.command == "HEAD")
             return
         data = self.hub._content(stored)
         headers = {"X-Repo-Commit": commit.oid, "Accept-Ranges": "bytes", "Content-Type": "application/octet-stream"}
         if stored.lfs_sha256:
-            headers.update({"ETag": f'"{stored.lfs_sha256}"', "X-Linked-Etag": f'"{stored.lfs_sha256}"',
-                            "X-Linked-Size": str(stored.size)})
+            headers.update(
+                {
+                    "ETag": f'"{stored.lfs_sha256}"',
+                    "X-Linked-Etag": f'"{stored.lfs_sha256}"',
+                    "X-Linked-Size": str(stored.size),
+                }
+            )
         else:
             headers["ETag"] = f'"{stored.blob_oid}"'
         status = 200
@@ -489,7 +511,7 @@ class _Handler(BaseHTTPRequestHandler):
             start = int(range_match.group(1))
             end = int(range_match.group(2)) if range_match.group(2) else len(data) - 1
             headers["Content-Range"] = f"bytes {start}-{end}/{len(data)}"
-            data, status = data[start:end + 1], 206
+            data, status = data[start : end + 1], 206
         self._send(status, data, headers, head_only=self.command == "HEAD")
 
 
@@ -542,7 +564,9 @@ def hub_server(monkeypatch, tmp_path) -> HubServer:
 
     if constants.ENDPOINT != HUB.url:  # huggingface_hub was imported before this module: patch what it read
         monkeypatch.setattr(constants, "ENDPOINT", HUB.url)
-        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", HUB.url + "/{repo_id}/resolve/{revision}/{filename}")
+        monkeypatch.setattr(
+            constants, "HUGGINGFACE_CO_URL_TEMPLATE", HUB.url + "/{repo_id}/resolve/{revision}/{filename}"
+        )
     monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
     monkeypatch.setenv("HF_TOKEN", HUB.token)
     cache = tmp_path / "hf-cache"

@@ -15,8 +15,9 @@ from vit_registers.analysis import (
 
 CASES = {
     "cls+registers": dict(num_register_tokens=4),
-    "no-cls-no-registers": dict(use_cls_token=False, cls_token_has_position_embedding=False,
-                                num_register_tokens=0, pooling="mean"),
+    "no-cls-no-registers": dict(
+        use_cls_token=False, cls_token_has_position_embedding=False, num_register_tokens=0, pooling="mean"
+    ),
     "test-time-registers": dict(num_register_tokens=2, test_time_registers={"num_tokens": 1, "neurons": {"1": [3]}}),
 }
 
@@ -24,8 +25,9 @@ CASES = {
 def tiny_pair(tmp_path, **kwargs):
     """The same weights twice: the default backend (sdpa) and attn_implementation='eager'."""
     torch.manual_seed(0)
-    config = ViTRegistersConfig(image_size=28, patch_size=14, hidden_size=32, num_hidden_layers=3,
-                                num_attention_heads=4, **kwargs)
+    config = ViTRegistersConfig(
+        image_size=28, patch_size=14, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, **kwargs
+    )
     fast = ViTRegistersModel(config).eval()
     eager = ViTRegistersModel(ViTRegistersConfig(**{**config.to_dict(), "attn_implementation": "eager"})).eval()
     eager.load_state_dict(fast.state_dict())
@@ -56,16 +58,18 @@ def test_chosen_layer_maps_equal_eager_attention(tmp_path, case):
         register_rows = list(range(int(config.use_cls_token), prefix)) + list(range(tokens - extra, tokens))
         assert got.registers.shape == (2, len(register_rows), 4, 2, 3)
         for slot, row in enumerate(register_rows):
-            torch.testing.assert_close(got.registers[:, slot], patches[:, :, row].reshape(2, 4, 2, 3),
-                                       atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(
+                got.registers[:, slot], patches[:, :, row].reshape(2, 4, 2, 3), atol=1e-5, rtol=1e-4
+            )
         named = got.named_maps(1)
         expected_names = (["CLS"] if config.use_cls_token else []) + [f"reg {i}" for i in range(len(register_rows))]
         assert list(named) == expected_names
 
 
 def test_maps_land_on_the_right_patch():
-    config = ViTRegistersConfig(image_size=28, patch_size=14, hidden_size=32, num_hidden_layers=1,
-                                num_attention_heads=4, num_register_tokens=2)
+    config = ViTRegistersConfig(
+        image_size=28, patch_size=14, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, num_register_tokens=2
+    )
     tokens = 1 + 2 + 6  # grid 2 x 3
     weights = torch.zeros(1, 4, tokens, tokens)
     weights[0, :, 0, 3 + 4] = 1.0  # CLS looks at patch 4 = (row 1, col 1)

@@ -95,8 +95,9 @@ def test_target_short_side_follows_the_processor():
 
     from vit_registers.analysis.images import target_short_side
 
-    dinov2 = transformers.BitImageProcessor(size={"shortest_edge": 256}, crop_size={"height": 224, "width": 224},
-                                            do_center_crop=True)
+    dinov2 = transformers.BitImageProcessor(
+        size={"shortest_edge": 256}, crop_size={"height": 224, "width": 224}, do_center_crop=True
+    )
     assert target_short_side(dinov2) == 224
     dinov2.do_center_crop = False
     assert target_short_side(dinov2) == 256

@@ -82,8 +82,9 @@ def test_box_iou_and_corloc_of_known_boxes():
 
 def tiny_model(**kwargs):
     torch.manual_seed(0)
-    config = ViTRegistersConfig(image_size=28, patch_size=14, hidden_size=32, num_hidden_layers=2,
-                                num_attention_heads=4, **kwargs)
+    config = ViTRegistersConfig(
+        image_size=28, patch_size=14, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, **kwargs
+    )
     return ViTRegistersModel(config).eval()
 
 
@@ -101,8 +102,10 @@ def test_lost_features_read_the_layers_qkv(kind, index):
 
 
 def test_lost_boxes_on_models_without_cls_or_registers():
-    for kwargs in (dict(num_register_tokens=2), dict(use_cls_token=False, cls_token_has_position_embedding=False,
-                                                       num_register_tokens=0, pooling="mean")):
+    for kwargs in (
+        dict(num_register_tokens=2),
+        dict(use_cls_token=False, cls_token_has_position_embedding=False, num_register_tokens=0, pooling="mean"),
+    ):
         model = tiny_model(**kwargs)
         results = lost_boxes(model, torch.randn(2, 3, 42, 56))
         for result in results:

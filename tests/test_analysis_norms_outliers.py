@@ -20,8 +20,9 @@ from vit_registers.analysis import (
 
 
 def tiny_config(**kwargs):
-    base = dict(image_size=28, patch_size=14, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                num_register_tokens=4)
+    base = dict(
+        image_size=28, patch_size=14, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_register_tokens=4
+    )
     base.update(kwargs)
     return ViTRegistersConfig(**base)
 
@@ -107,8 +108,12 @@ def test_test_time_registers_are_registers():
 @pytest.mark.parametrize("cls_token,registers", [(True, 4), (False, 0)])
 def test_norm_stats_use_states_before_final_norm(cls_token, registers):
     torch.manual_seed(0)
-    config = tiny_config(use_cls_token=cls_token, cls_token_has_position_embedding=cls_token,
-                         num_register_tokens=registers, pooling="cls" if cls_token else "mean")
+    config = tiny_config(
+        use_cls_token=cls_token,
+        cls_token_has_position_embedding=cls_token,
+        num_register_tokens=registers,
+        pooling="cls" if cls_token else "mean",
+    )
     model = ViTRegistersModel(config).eval()
     with torch.no_grad():
         model.layernorm.weight.fill_(0.5)

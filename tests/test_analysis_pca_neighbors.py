@@ -104,8 +104,9 @@ def test_neighbor_similarity_known_values():
 
 def test_input_patch_embeddings_are_before_position_embeddings():
     torch.manual_seed(0)
-    config = ViTRegistersConfig(image_size=28, patch_size=14, hidden_size=32, num_hidden_layers=1,
-                                num_attention_heads=4, num_register_tokens=2)
+    config = ViTRegistersConfig(
+        image_size=28, patch_size=14, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, num_register_tokens=2
+    )
     model = ViTRegistersModel(config).eval()
     pixels = torch.randn(2, 3, 28, 42)
     embeddings = input_patch_embeddings(model, pixels)

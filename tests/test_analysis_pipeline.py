@@ -22,8 +22,9 @@ from vit_registers.analysis import (
 
 def tiny_model(**kwargs):
     torch.manual_seed(0)
-    config = ViTRegistersConfig(image_size=28, patch_size=14, hidden_size=32, num_hidden_layers=3,
-                                num_attention_heads=4, **kwargs)
+    config = ViTRegistersConfig(
+        image_size=28, patch_size=14, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, **kwargs
+    )
     return ViTRegistersModel(config).eval()
 
 
@@ -82,8 +83,9 @@ def test_summary_is_json_ready():
 
     from vit_registers.analysis import prepare_image
 
-    model = tiny_model(use_cls_token=False, cls_token_has_position_embedding=False, num_register_tokens=0,
-                       pooling="mean")
+    model = tiny_model(
+        use_cls_token=False, cls_token_has_position_embedding=False, num_register_tokens=0, pooling="mean"
+    )
     prepared = prepare_image(Image.new("RGB", (80, 60), "white"), patch_size=14, short_side=28)
     (result,) = analyze_batch(model, prepared.pixel_values[None], lost_layer=1, lost_kind="queries")
     summary = result.summary()

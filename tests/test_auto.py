@@ -205,7 +205,17 @@ def test_config_round_trip_keeps_every_field(tmp_path):
     )
     config.save_pretrained(tmp_path)
     loaded = AutoConfig.from_pretrained(tmp_path)
-    for key in ("use_cls_token", "use_final_norm", "use_fc_norm", "pooling", "mlp_type", "layerscale_value",
-                "interpolate_offset", "interpolate_antialias", "test_time_registers", "num_register_tokens"):
+    for key in (
+        "use_cls_token",
+        "use_final_norm",
+        "use_fc_norm",
+        "pooling",
+        "mlp_type",
+        "layerscale_value",
+        "interpolate_offset",
+        "interpolate_antialias",
+        "test_time_registers",
+        "num_register_tokens",
+    ):
         assert getattr(loaded, key) == getattr(config, key), key
     assert loaded.mlp_hidden_size == config.mlp_hidden_size

@@ -18,8 +18,8 @@ from benchmarks import attention, forward, interventions, training  # noqa: E402
 from benchmarks.common import (  # noqa: E402
     IMPLEMENTATIONS,
     NO_KERNELS,
-    PREPACKED,
     OURS,
+    PREPACKED,
     ParityError,
     build_implementations,
     build_models,
@@ -34,8 +34,25 @@ from benchmarks.common import (  # noqa: E402
 from benchmarks.run import SECTIONS, main, parse_args  # noqa: E402
 from vit_registers import ViTRegistersConfig, ViTRegistersModel  # noqa: E402
 
-TINY = ["--quick", "--archs", "tiny", "--image-sizes", "28", "--batch-sizes", "2", "--attention-sizes", "28,42",
-        "--training-image-size", "28", "--repeats", "2", "--conversion-arch", "tiny", "--threads", "1"]
+TINY = [
+    "--quick",
+    "--archs",
+    "tiny",
+    "--image-sizes",
+    "28",
+    "--batch-sizes",
+    "2",
+    "--attention-sizes",
+    "28,42",
+    "--training-image-size",
+    "28",
+    "--repeats",
+    "2",
+    "--conversion-arch",
+    "tiny",
+    "--threads",
+    "1",
+]
 # one thread: on a shared CPU, two-thread ops on a tiny model wait for the second core (the numbers are not checked)
 
 
@@ -56,8 +73,14 @@ def test_every_implementation_gets_the_same_weights():
 @pytest.mark.parametrize("cls_position", [True, False])
 def test_to_transformers_reproduces_our_tokens(cls_position):
     config = ViTRegistersConfig(
-        image_size=28, patch_size=14, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-        num_register_tokens=4, layerscale_value=0.5, cls_token_has_position_embedding=cls_position,
+        image_size=28,
+        patch_size=14,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_register_tokens=4,
+        layerscale_value=0.5,
+        cls_token_has_position_embedding=cls_position,
     )
     torch.manual_seed(0)
     ours = ViTRegistersModel(config).eval()
@@ -189,13 +212,16 @@ def test_smoke_of_in_process_sections(tmp_path, capsys):
     best, no_kernels, prepacked = result["sections"]["forward"]["best_peer"]
     peers = {n: r for n, r in rows.items() if n not in (OURS, NO_KERNELS, PREPACKED)}
     assert (best["implementation"], no_kernels["implementation"], prepacked["implementation"]) == (
-        OURS, NO_KERNELS, PREPACKED
+        OURS,
+        NO_KERNELS,
+        PREPACKED,
     )
     assert best["ratio"] == min(r["ratio_ours_over_this"] for r in peers.values())
     assert rows[best["best_peer"]]["ratio_ours_over_this"] == best["ratio"] and "Against the best peer" in printed
     for variant, summary in ((PREPACKED, prepacked), (NO_KERNELS, no_kernels)):
         against = {
-            n: statistics.median(a / b for a, b in zip(r["times_s"], rows[variant]["times_s"])) for n, r in peers.items()
+            n: statistics.median(a / b for a, b in zip(r["times_s"], rows[variant]["times_s"]))
+            for n, r in peers.items()
         }
         assert summary["best_peer"] == min(against, key=against.get)
         assert summary["ratio"] == pytest.approx(min(against.values()))
@@ -230,8 +256,15 @@ def test_quick_smoke_of_memory_and_conversion(tmp_path, capsys):
     """Each number comes from a fresh worker process: inference per implementation, a training step per training
     implementation, conversion of an official .pth."""
     out = tmp_path / "bench.json"
-    argv = [*TINY, "--sections", "memory,training-memory,conversion",
-            "--implementations", "vit-registers,transformers-eager", "--image-sizes", "224"]
+    argv = [
+        *TINY,
+        "--sections",
+        "memory,training-memory,conversion",
+        "--implementations",
+        "vit-registers,transformers-eager",
+        "--image-sizes",
+        "224",
+    ]
     assert main([*argv, "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     rows = {r["implementation"]: r for r in result["sections"]["memory"]["rows"]}
@@ -269,9 +302,9 @@ def test_forward_and_training_in_bfloat16_check_parity_in_float32_then_cast(tmp_
     forwards, _, parity = build_placed_implementations("tiny", 28, 0, ("vit-registers", "timm"), "cpu", "bfloat16")
     assert max(parity.values()) <= 1e-3  # float32 parity before the cast
     x = place(torch.randn(2, 3, 28, 28), "cpu", "bfloat16")
-    for name, forward in forwards.items():
+    for name, run_forward in forwards.items():
         with torch.inference_mode():
-            assert forward(x).dtype == torch.bfloat16, name
+            assert run_forward(x).dtype == torch.bfloat16, name
 
     out = tmp_path / "bench.json"
     argv = [*TINY, "--sections", "forward,training", "--dtype", "bfloat16", "--image-sizes", "28"]
@@ -357,6 +390,7 @@ def test_compiled_rows_are_compared_with_our_compiled_model(tmp_path):
     assert main([*argv, "--json", str(out)]) == 0
     rows = {r["implementation"]: r for r in json.loads(out.read_text())["sections"]["forward"]["rows"]}
     assert set(rows) == {OURS, "timm", f"{OURS}+compile", "timm+compile"}
+
     def paired(name, reference):
         return statistics.median(a / b for a, b in zip(rows[name]["times_s"], rows[reference]["times_s"]))
 
@@ -390,6 +424,7 @@ def test_slow_cases_are_capped_but_keep_three_rounds():
     times = time_alternating({"a": slow}, 0, repeats=10, warmup=2, max_seconds=0.2)
     assert len(times["a"]) == 3 and len(calls) == 4  # one warm-up round (> max/4), then the minimum of 3 rounds
     calls.clear()
-    times = time_alternating({"a": lambda x: calls.append(x), "b": lambda x: None}, 0, repeats=5, warmup=2,
-                             max_seconds=60)
+    times = time_alternating(
+        {"a": lambda x: calls.append(x), "b": lambda x: None}, 0, repeats=5, warmup=2, max_seconds=60
+    )
     assert len(times["a"]) == len(times["b"]) == 5 and len(calls) == 7  # fast: every repeat, both warm-up rounds

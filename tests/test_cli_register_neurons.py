@@ -15,8 +15,16 @@ from vit_registers.cli import main
 
 def _saved_model(path):
     torch.manual_seed(0)
-    model = ViTRegistersModel(ViTRegistersConfig(image_size=56, patch_size=14, hidden_size=32, num_hidden_layers=3,
-                                                 num_attention_heads=4, num_register_tokens=2))
+    model = ViTRegistersModel(
+        ViTRegistersConfig(
+            image_size=56,
+            patch_size=14,
+            hidden_size=32,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_register_tokens=2,
+        )
+    )
     model.save_pretrained(path)
     BitImageProcessor(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56}).save_pretrained(path)
     return model
@@ -35,8 +43,21 @@ def test_find_register_neurons_writes_a_loadable_model(tmp_path, capsys):
     _saved_model(tmp_path / "model")
     images = _images(tmp_path / "images")
     out = tmp_path / "with-ttr"
-    code = main(["find-register-neurons", "--model", str(tmp_path / "model"), "--images", str(images),
-                 "--output-dir", str(out), "--top-k", "6", "--percentile", "90"])
+    code = main(
+        [
+            "find-register-neurons",
+            "--model",
+            str(tmp_path / "model"),
+            "--images",
+            str(images),
+            "--output-dir",
+            str(out),
+            "--top-k",
+            "6",
+            "--percentile",
+            "90",
+        ]
+    )
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert "notes.txt" in captured.err  # the unreadable file is reported and skipped
@@ -53,14 +74,35 @@ def test_find_register_neurons_bad_input(tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep").write_text("x")
-    code = main(["find-register-neurons", "--model", str(tmp_path / "model"), "--images", str(tmp_path / "none"),
-                 "--output-dir", str(tmp_path / "new")])
+    code = main(
+        [
+            "find-register-neurons",
+            "--model",
+            str(tmp_path / "model"),
+            "--images",
+            str(tmp_path / "none"),
+            "--output-dir",
+            str(tmp_path / "new"),
+        ]
+    )
     assert code == 1 and "is not a directory" in capsys.readouterr().err
     images = _images(tmp_path / "images")
-    code = main(["find-register-neurons", "--model", str(tmp_path / "model"), "--images", str(images),
-                 "--output-dir", str(out)])
+    code = main(
+        ["find-register-neurons", "--model", str(tmp_path / "model"), "--images", str(images), "--output-dir", str(out)]
+    )
     assert code == 1 and "not empty" in capsys.readouterr().err
-    code = main(["find-register-neurons", "--model", str(tmp_path / "model"), "--images", str(images),
-                 "--output-dir", str(tmp_path / "new"), "--threshold", "1e9"])
+    code = main(
+        [
+            "find-register-neurons",
+            "--model",
+            str(tmp_path / "model"),
+            "--images",
+            str(images),
+            "--output-dir",
+            str(tmp_path / "new"),
+            "--threshold",
+            "1e9",
+        ]
+    )
     assert code == 1 and "No patch exceeds" in capsys.readouterr().err
     assert not (tmp_path / "new").exists()

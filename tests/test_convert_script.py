@@ -19,8 +19,7 @@ from safetensors.torch import save_file
 
 import vit_registers
 from vit_registers import ViTRegistersConfig, ViTRegistersModel
-from vit_registers.conversion import ConversionError
-from vit_registers.conversion import publish
+from vit_registers.conversion import ConversionError, publish
 from vit_registers.conversion.publish import (
     ParityError,
     build_model_card,
@@ -57,19 +56,42 @@ BLOCK_PACKAGE = textwrap.dedent(
 
 
 def run_python(code: str, *args: str, timeout: int = 180) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=timeout,
-                          cwd=REPO_ROOT, env=os.environ.copy())
+    return subprocess.run(
+        [sys.executable, "-c", code, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO_ROOT,
+        env=os.environ.copy(),
+    )
 
 
 def run_script(*args: str, timeout: int = 180) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout,
-                          cwd=REPO_ROOT, env=os.environ.copy())
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO_ROOT,
+        env=os.environ.copy(),
+    )
 
 
 def tiny_model(**overrides) -> ViTRegistersModel:
     torch.manual_seed(0)
-    config = ViTRegistersConfig(**{**dict(image_size=28, patch_size=14, hidden_size=32, num_hidden_layers=2,
-                                          num_attention_heads=4, num_register_tokens=4), **overrides})
+    config = ViTRegistersConfig(
+        **{
+            **dict(
+                image_size=28,
+                patch_size=14,
+                hidden_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_register_tokens=4,
+            ),
+            **overrides,
+        }
+    )
     return ViTRegistersModel(config).eval()
 
 
@@ -101,8 +123,16 @@ def timm_checkpoint(tmp_path: Path, arch: str, suffix: str = ".safetensors") -> 
     import timm
 
     patch = TIMM_ARCHS[arch]
-    model = timm.create_model(arch, pretrained=False, embed_dim=WIDTH, depth=2, num_heads=HEADS, img_size=patch * 4,
-                              patch_size=patch, num_classes=0)
+    model = timm.create_model(
+        arch,
+        pretrained=False,
+        embed_dim=WIDTH,
+        depth=2,
+        num_heads=HEADS,
+        img_size=patch * 4,
+        patch_size=patch,
+        num_classes=0,
+    )
     state = {k: v.contiguous() for k, v in randomize_(model).state_dict().items()}
     path = tmp_path / f"{arch}{suffix}"
     save_file(state, path) if suffix == ".safetensors" else torch.save(state, path)
@@ -118,18 +148,32 @@ def official_dinov2_checkpoint(tmp_path: Path, registers: int, grid: int = 4, de
 
     d = WIDTH
     state = {
-        "cls_token": rand(1, 1, d), "pos_embed": rand(1, 1 + grid * grid, d), "mask_token": rand(1, d),
-        "patch_embed.proj.weight": rand(d, 3, 14, 14), "patch_embed.proj.bias": rand(d),
-        "norm.weight": rand(d), "norm.bias": rand(d),
+        "cls_token": rand(1, 1, d),
+        "pos_embed": rand(1, 1 + grid * grid, d),
+        "mask_token": rand(1, d),
+        "patch_embed.proj.weight": rand(d, 3, 14, 14),
+        "patch_embed.proj.bias": rand(d),
+        "norm.weight": rand(d),
+        "norm.bias": rand(d),
     }
     if registers:
         state["register_tokens"] = rand(1, registers, d)
     for i in range(depth):
         block = {
-            "norm1.weight": rand(d), "norm1.bias": rand(d), "attn.qkv.weight": rand(3 * d, d),
-            "attn.qkv.bias": rand(3 * d), "attn.proj.weight": rand(d, d), "attn.proj.bias": rand(d),
-            "ls1.gamma": rand(d), "norm2.weight": rand(d), "norm2.bias": rand(d), "mlp.fc1.weight": rand(4 * d, d),
-            "mlp.fc1.bias": rand(4 * d), "mlp.fc2.weight": rand(d, 4 * d), "mlp.fc2.bias": rand(d), "ls2.gamma": rand(d),
+            "norm1.weight": rand(d),
+            "norm1.bias": rand(d),
+            "attn.qkv.weight": rand(3 * d, d),
+            "attn.qkv.bias": rand(3 * d),
+            "attn.proj.weight": rand(d, d),
+            "attn.proj.bias": rand(d),
+            "ls1.gamma": rand(d),
+            "norm2.weight": rand(d),
+            "norm2.bias": rand(d),
+            "mlp.fc1.weight": rand(4 * d, d),
+            "mlp.fc1.bias": rand(4 * d),
+            "mlp.fc2.weight": rand(d, 4 * d),
+            "mlp.fc2.bias": rand(d),
+            "ls2.gamma": rand(d),
         }
         state.update({f"blocks.{i}.{k}": v for k, v in block.items()})
     path = tmp_path / f"dinov2_reg{registers}.pth"
@@ -138,11 +182,22 @@ def official_dinov2_checkpoint(tmp_path: Path, registers: int, grid: int = 4, de
 
 
 def transformers_checkpoint(tmp_path: Path, registers: bool) -> Path:
-    from transformers import BitImageProcessor, Dinov2Config, Dinov2Model, Dinov2WithRegistersConfig
-    from transformers import Dinov2WithRegistersModel
+    from transformers import (
+        BitImageProcessor,
+        Dinov2Config,
+        Dinov2Model,
+        Dinov2WithRegistersConfig,
+        Dinov2WithRegistersModel,
+    )
 
-    common = dict(hidden_size=WIDTH, num_hidden_layers=2, num_attention_heads=HEADS, intermediate_size=4 * WIDTH,
-                  image_size=56, patch_size=14)
+    common = dict(
+        hidden_size=WIDTH,
+        num_hidden_layers=2,
+        num_attention_heads=HEADS,
+        intermediate_size=4 * WIDTH,
+        image_size=56,
+        patch_size=14,
+    )
     if registers:
         model = Dinov2WithRegistersModel(Dinov2WithRegistersConfig(num_register_tokens=4, **common))
     else:
@@ -159,8 +214,9 @@ def transformers_checkpoint(tmp_path: Path, registers: bool) -> Path:
 @pytest.mark.parametrize("arch", list(TIMM_ARCHS))
 def test_timm_family_converts_and_verifies(tmp_path, arch):
     checkpoint = timm_checkpoint(tmp_path, arch)
-    result = convert_and_publish("timm", checkpoint, arch=arch, output_dir=tmp_path / "out", progress=False,
-                                 log=lambda _: None)
+    result = convert_and_publish(
+        "timm", checkpoint, arch=arch, output_dir=tmp_path / "out", progress=False, log=lambda _: None
+    )
     report = result.report
     assert report.passed and len(report.rows) == 2
     (h1, w1), (h2, w2) = [(r.height, r.width) for r in report.rows]
@@ -171,8 +227,14 @@ def test_timm_family_converts_and_verifies(tmp_path, arch):
         if not expected_none:
             assert report.max_abs_diff(group) <= 1e-4
     files = {p.name for p in result.output_dir.iterdir()}
-    assert {"model.safetensors", "config.json", "preprocessor_config.json", "README.md",
-            "configuration_vit_registers.py", "modeling_vit_registers.py"} <= files
+    assert {
+        "model.safetensors",
+        "config.json",
+        "preprocessor_config.json",
+        "README.md",
+        "configuration_vit_registers.py",
+        "modeling_vit_registers.py",
+    } <= files
     config = json.loads((result.output_dir / "config.json").read_text())
     assert config["auto_map"]["AutoModel"] == "modeling_vit_registers.ViTRegistersModel"
     processor = json.loads((result.output_dir / "preprocessor_config.json").read_text())
@@ -201,12 +263,17 @@ def test_official_dinov2_converts_and_verifies(tmp_path, registers):
 def test_official_dinov2_real_size_by_hub_name(tmp_path, monkeypatch):
     monkeypatch.setattr(sys.modules[__name__], "WIDTH", 384)
     checkpoint = official_dinov2_checkpoint(tmp_path, 4, grid=37, depth=12)
-    result = convert_and_publish("dinov2", checkpoint, arch="dinov2_vits14_reg", output_dir=tmp_path / "out",
-                                 progress=False, log=lambda _: None)
+    result = convert_and_publish(
+        "dinov2", checkpoint, arch="dinov2_vits14_reg", output_dir=tmp_path / "out", progress=False, log=lambda _: None
+    )
     assert [(r.height, r.width) for r in result.report.rows] == [(518, 518), (378, 518)]
     assert result.report.passed and result.report.max_abs_diff("registers") <= 1e-4
     config = json.loads((result.output_dir / "config.json").read_text())
-    assert (config["num_attention_heads"], config["interpolate_antialias"], config["num_register_tokens"]) == (6, True, 4)
+    assert (config["num_attention_heads"], config["interpolate_antialias"], config["num_register_tokens"]) == (
+        6,
+        True,
+        4,
+    )
     card = (result.output_dir / "README.md").read_text()
     assert "base_model: facebook/dinov2-with-registers-small" in card and "| 378×518 |" in card
 
@@ -214,8 +281,9 @@ def test_official_dinov2_real_size_by_hub_name(tmp_path, monkeypatch):
 @pytest.mark.parametrize("registers", [True, False])
 def test_transformers_family_converts_and_verifies(tmp_path, registers):
     checkpoint = transformers_checkpoint(tmp_path, registers)
-    result = convert_and_publish("transformers", checkpoint, output_dir=tmp_path / "out", progress=False,
-                                 log=lambda _: None)
+    result = convert_and_publish(
+        "transformers", checkpoint, output_dir=tmp_path / "out", progress=False, log=lambda _: None
+    )
     assert result.report.passed and result.report.max_abs_diff("cls") <= 1e-4
     processor = json.loads((result.output_dir / "preprocessor_config.json").read_text())
     assert processor["size"] == {"shortest_edge": 64}  # copied from the source directory
@@ -253,8 +321,17 @@ def test_cli_bad_inputs_exit_nonzero_and_write_nothing(tmp_path):
     corrupt.write_bytes(b"\x80\x02 definitely not a checkpoint" * 10)
     good = timm_checkpoint(tmp_path, "vit_small_patch14_reg4_dinov2")
     cases = [
-        (["--source", "timm", "--checkpoint", str(tmp_path / "missing.pth"), "--arch",
-          "vit_small_patch14_reg4_dinov2"], "not found"),
+        (
+            [
+                "--source",
+                "timm",
+                "--checkpoint",
+                str(tmp_path / "missing.pth"),
+                "--arch",
+                "vit_small_patch14_reg4_dinov2",
+            ],
+            "not found",
+        ),
         (["--source", "dinov2", "--checkpoint", str(corrupt)], "corrupt"),
         (["--source", "timm", "--checkpoint", str(good), "--arch", "vit_no_such_model"], "unknown timm architecture"),
     ]
@@ -273,8 +350,18 @@ def _state(path: Path) -> dict[str, torch.Tensor]:
     return load_file(path)
 
 
-@pytest.mark.parametrize("case", ["missing_file", "other_architecture", "missing_key", "unexpected_key", "shape_mismatch",
-                                  "unknown_official_arch", "unknown_source"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "missing_file",
+        "other_architecture",
+        "missing_key",
+        "unexpected_key",
+        "shape_mismatch",
+        "unknown_official_arch",
+        "unknown_source",
+    ],
+)
 def test_library_bad_inputs_raise_and_write_nothing(tmp_path, case):
     source, arch = "timm", "vit_small_patch14_reg4_dinov2"
     state = _state(timm_checkpoint(tmp_path, arch))
@@ -328,8 +415,15 @@ def test_parity_failure_writes_and_pushes_nothing(tmp_path, hub_server, monkeypa
     output, lines = tmp_path / "out", []
     before = len(hub_server.repos)
     with pytest.raises(ParityError, match="Parity check failed"):
-        convert_and_publish("timm", checkpoint, arch=arch, output_dir=output, push_to_hub="test-org/never",
-                            progress=False, log=lines.append)
+        convert_and_publish(
+            "timm",
+            checkpoint,
+            arch=arch,
+            output_dir=output,
+            push_to_hub="test-org/never",
+            progress=False,
+            log=lines.append,
+        )
     assert any("FAIL" in line for line in lines)  # the per-group diffs were printed
     assert_nothing_written(tmp_path, output)
     assert len(hub_server.repos) == before and ("model", "test-org/never") not in hub_server.repos
@@ -369,8 +463,14 @@ def test_push_and_load_back_with_and_without_package(tmp_path, hub_server):
     model = tiny_model()
     randomize_(model, seed=3)
     report = verify(model, model, resolutions=[(28, 28), (28, 42)])
-    card = build_model_card(model, report, source="timm", arch="vit_small_patch14_reg4_dinov2",
-                            repo_id="test-org/tiny-registers", base_model="timm/vit_small_patch14_reg4_dinov2.lvd142m")
+    card = build_model_card(
+        model,
+        report,
+        source="timm",
+        arch="vit_small_patch14_reg4_dinov2",
+        repo_id="test-org/tiny-registers",
+        base_model="timm/vit_small_patch14_reg4_dinov2.lvd142m",
+    )
     processor, _ = publish.make_image_processor("dinov2")
     folder = write_output(tmp_path / "tiny", model, processor, card)
     info = push_folder(folder, "test-org/tiny-registers", private=True)
@@ -391,7 +491,9 @@ def test_push_and_load_back_with_and_without_package(tmp_path, hub_server):
     for name in ("last_hidden_state", "pooler_output", "register_tokens", "patch_tokens"):
         torch.testing.assert_close(getattr(got, name), getattr(expected, name), rtol=0, atol=1e-6)
     assert AutoImageProcessor.from_pretrained("test-org/tiny-registers", cache_dir=tmp_path / "cache").crop_size == {
-        "height": 224, "width": 224}
+        "height": 224,
+        "width": 224,
+    }
 
     card = ModelCard.load("test-org/tiny-registers")
     assert card.data.license == "apache-2.0"
@@ -428,8 +530,20 @@ def test_cli_converts_and_pushes_over_http(tmp_path, hub_server):
     arch = "vit_small_patch14_reg4_dinov2"
     checkpoint = timm_checkpoint(tmp_path, arch, suffix=".pth")
     output = tmp_path / "converted"
-    done = run_script("--source", "timm", "--checkpoint", str(checkpoint), "--arch", arch, "--output-dir",
-                      str(output), "--push-to-hub", "test-user/cli-model", "--dtype", "bfloat16")
+    done = run_script(
+        "--source",
+        "timm",
+        "--checkpoint",
+        str(checkpoint),
+        "--arch",
+        arch,
+        "--output-dir",
+        str(output),
+        "--push-to-hub",
+        "test-user/cli-model",
+        "--dtype",
+        "bfloat16",
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     for group in ("cls", "registers", "patches"):
         assert group in done.stdout
@@ -443,26 +557,40 @@ def test_cli_converts_and_pushes_over_http(tmp_path, hub_server):
     import timm
     from safetensors.torch import load_file
 
-    reference = timm.create_model(arch, pretrained=False, embed_dim=WIDTH, depth=2, num_heads=HEADS, img_size=56,
-                                  patch_size=14, num_classes=0, dynamic_img_size=True)
+    reference = timm.create_model(
+        arch,
+        pretrained=False,
+        embed_dim=WIDTH,
+        depth=2,
+        num_heads=HEADS,
+        img_size=56,
+        patch_size=14,
+        num_classes=0,
+        dynamic_img_size=True,
+    )
     reference.load_state_dict(torch.load(checkpoint, weights_only=True))
     loaded = AutoModel.from_pretrained("test-user/cli-model", cache_dir=tmp_path / "cache")
     assert loaded.dtype == torch.bfloat16
     pixel_values = fixed_inputs(loaded.config, (56, 42), seed=5)
     with torch.no_grad():
         ours = loaded.float()(pixel_values).patch_tokens
-        theirs = reference.forward_features(pixel_values)[:, reference.num_prefix_tokens:]
+        theirs = reference.forward_features(pixel_values)[:, reference.num_prefix_tokens :]
     # bfloat16 storage: equal to the reference up to bf16 rounding of the weights
     torch.testing.assert_close(ours, theirs, rtol=0.05, atol=0.05)
     assert load_file(output / "model.safetensors")["embeddings.cls_token"].dtype == torch.bfloat16
 
 
-
 def test_push_with_rejected_token_fails_before_converting(tmp_path, hub_server):
     output = tmp_path / "out"
     with pytest.raises(ConversionError, match="rejected the token") as error:
-        convert_and_publish("timm", tmp_path / "not-even-read.pth", output_dir=output, push_to_hub="test-org/x",
-                            token="hf_wrong", progress=False)
+        convert_and_publish(
+            "timm",
+            tmp_path / "not-even-read.pth",
+            output_dir=output,
+            push_to_hub="test-org/x",
+            token="hf_wrong",
+            progress=False,
+        )
     assert "hf_wrong" not in str(error.value)
     with pytest.raises(ConversionError, match="ORG/NAME"):
         convert_and_publish("timm", tmp_path / "x.pth", output_dir=output, push_to_hub="no-namespace", progress=False)

@@ -56,8 +56,11 @@ FAULTS = textwrap.dedent("""
 
 
 def _clean_env(**extra) -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("MALLOC_") and k not in ("GLIBC_TUNABLES", "LD_PRELOAD", cpu_allocator.ENV_VAR)}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("MALLOC_") and k not in ("GLIBC_TUNABLES", "LD_PRELOAD", cpu_allocator.ENV_VAR)
+    }
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "src"), env.get("PYTHONPATH")]))
     return {**env, **extra}
 
@@ -103,8 +106,10 @@ def test_environment_variable_chooses_and_glibc_variables_win():
         ({"LD_PRELOAD": "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"}, "jemalloc is preloaded"),
         ({"MALLOC_MMAP_THRESHOLD_": "65536"}, "MALLOC_MMAP_THRESHOLD_ is set"),
         ({"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=0"}, "GLIBC_TUNABLES sets glibc.malloc.trim_threshold"),
-        ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1:glibc.malloc.mmap_threshold=4096"},
-         "GLIBC_TUNABLES sets glibc.malloc.mmap_threshold"),
+        (
+            {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1:glibc.malloc.mmap_threshold=4096"},
+            "GLIBC_TUNABLES sets glibc.malloc.mmap_threshold",
+        ),
         ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1:glibc.pthread.rseq=0"}, None),  # other tunables leave it to us
         ({}, None),
     ],
@@ -131,8 +136,14 @@ def test_unknown_mode_names_the_variable(monkeypatch):
 
 
 def _entry_point(code: str, **env) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=_clean_env(**env), cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        env=_clean_env(**env),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 @needs_glibc
@@ -159,8 +170,17 @@ def test_command_line_tunes_before_running_and_reports_a_bad_value(tmp_path):
 
 def test_finetune_script_reports_a_bad_value_before_writing(tmp_path):
     done = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "finetune.py"), "--dataset", "digits", "--output-dir",
-         str(tmp_path / "run")], env=_clean_env(**{cpu_allocator.ENV_VAR: "fast"}), capture_output=True, text=True,
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "finetune.py"),
+            "--dataset",
+            "digits",
+            "--output-dir",
+            str(tmp_path / "run"),
+        ],
+        env=_clean_env(**{cpu_allocator.ENV_VAR: "fast"}),
+        capture_output=True,
+        text=True,
         timeout=300,
     )
     assert done.returncode == 2
@@ -194,7 +214,8 @@ def test_benchmarks_run_with_the_tuned_allocator_and_refuse_to_claim_defaults_af
     assert result["settings"]["allocator"] == "tuned"
     assert re.fullmatch(  # 32 MiB where glibc < 2.35 caps the mmap threshold
         r"glibc malloc keeping freed memory \(mmap threshold (1024|32) MiB, trim threshold 1024 MiB; "
-        r"vit_registers\.cpu_allocator\)", result["machine"]["allocator"]
+        r"vit_registers\.cpu_allocator\)",
+        result["machine"]["allocator"],
     )
     assert done.stderr.strip().splitlines()[-1] == (
         "benchmarks: error: --allocator glibc: glibc's allocator was already tuned in this process "

@@ -91,7 +91,10 @@ def _start(argv, tmp_path, **env):
     with open(stderr_path, "w") as stderr:
         process = subprocess.Popen(
             [sys.executable, str(SCRIPT), *map(str, argv)],
-            cwd=ROOT, env=_env(tmp_path, **env), stdout=subprocess.DEVNULL, stderr=stderr,
+            cwd=ROOT,
+            env=_env(tmp_path, **env),
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
         )
     process.stderr_path = stderr_path
     return process
@@ -173,7 +176,13 @@ def test_parameter_groups_no_decay_on_tokens_norms_biases_and_layer_decay():
         exempt = any(
             key in name
             for key in (
-                "cls_token", "register_tokens", "position_embeddings", "mask_token", "norm", "bias", "layer_scale"
+                "cls_token",
+                "register_tokens",
+                "position_embeddings",
+                "mask_token",
+                "norm",
+                "bias",
+                "layer_scale",
             )
         )
         assert (by_name[name]["weight_decay"] == 0.0) == exempt, name
@@ -210,6 +219,7 @@ def test_create_optimizer_takes_the_fused_adamw_where_torch_has_it_with_the_same
     """Fused AdamW (transformers' `Trainer` default) on the CPU, foreach on a device without fused kernels or when
     asked; the same layer-decay groups and, after 5 steps, the same weights as the foreach one within 1e-5 (float32
     rounding, amplified where a gradient is near AdamW's eps; one step moves a weight by up to 1e-3)."""
+
     def build():
         torch.manual_seed(0)
         return ViTRegistersForImageClassification(ViTRegistersConfig(**TINY, num_register_tokens=2, num_labels=3))
@@ -276,8 +286,13 @@ def test_add_register_tokens_with_and_without_cls(tmp_path):
     # No CLS token (timm *_gap_* layout): plain truncated normal of std initializer_range.
     gap = ViTRegistersForImageClassification(
         ViTRegistersConfig(
-            **TINY, num_register_tokens=0, use_cls_token=False, cls_token_has_position_embedding=False,
-            pooling="mean", num_labels=2, initializer_range=0.02,
+            **TINY,
+            num_register_tokens=0,
+            use_cls_token=False,
+            cls_token_has_position_embedding=False,
+            pooling="mean",
+            num_labels=2,
+            initializer_range=0.02,
         )
     )
     add_register_tokens(gap, 4)
@@ -340,8 +355,15 @@ def test_bad_inputs_fail_before_training_with_clear_errors(tmp_path, folders, ca
     ViTForImageClassification(vit).save_pretrained(tmp_path / "vit")
     fails(["--model", tmp_path / "vit", "--train-dir", folders], "'vit' checkpoint", "not 'vit_registers'")
     fails(["--model", "config:huge", "--train-dir", folders], "config:huge")
-    fails(["--model-config", _config_json(tmp_path, {"hidden_size": 30, "num_attention_heads": 4}),
-           "--train-dir", folders], "hidden_size")
+    fails(
+        [
+            "--model-config",
+            _config_json(tmp_path, {"hidden_size": 30, "num_attention_heads": 4}),
+            "--train-dir",
+            folders,
+        ],
+        "hidden_size",
+    )
     fails([*tiny, "--train-dir", folders, "--resume-from-checkpoint", "latest"], "no checkpoint")
     fails([*tiny, "--train-dir", folders, "--resume-from-checkpoint", tmp_path / "gone"], "gone", "not a directory")
     fails([*tiny, "--train-dir", folders, "--learning-rate", "-1"], "--learning-rate")
@@ -364,8 +386,26 @@ def test_script_learns_separable_classes_and_saves_everything(tmp_path):
     val = make_image_folder(tmp_path / "val", classes=CLASSES, per_class=6, size=32, seed=1)
     out = tmp_path / "out"
     result = _run(
-        ["--model", "config:tiny", "--train-dir", train, "--validation-dir", val, "--output-dir", out,
-         "--max-steps", 36, "--per-device-batch-size", 16, "--learning-rate", 3e-3, "--warmup-steps", 3, "--seed", 0],
+        [
+            "--model",
+            "config:tiny",
+            "--train-dir",
+            train,
+            "--validation-dir",
+            val,
+            "--output-dir",
+            out,
+            "--max-steps",
+            36,
+            "--per-device-batch-size",
+            16,
+            "--learning-rate",
+            3e-3,
+            "--warmup-steps",
+            3,
+            "--seed",
+            0,
+        ],
         tmp_path,
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -408,8 +448,22 @@ def test_adding_registers_and_linear_probe_train_and_reload(tmp_path, capsys):
 
     out = tmp_path / "registers"
     code, err = _run_inprocess(
-        ["--model", source, "--train-dir", train, "--output-dir", out, "--max-steps", 4, "--per-device-batch-size", 8,
-         "--num-register-tokens", 2, "--learning-rate", 1e-2],
+        [
+            "--model",
+            source,
+            "--train-dir",
+            train,
+            "--output-dir",
+            out,
+            "--max-steps",
+            4,
+            "--per-device-batch-size",
+            8,
+            "--num-register-tokens",
+            2,
+            "--learning-rate",
+            1e-2,
+        ],
         capsys,
     )
     assert code == 0, err
@@ -437,9 +491,25 @@ def test_adding_registers_and_linear_probe_train_and_reload(tmp_path, capsys):
     loaded.to_parquet(str(parquet / "train.parquet"))
     probe = tmp_path / "probe"
     code, err = _run_inprocess(
-        ["--model", out, "--dataset", parquet, "--image-column", "img", "--label-column", "fine_label",
-         "--output-dir", probe, "--max-steps", 3, "--per-device-batch-size", 8, "--linear-probe",
-         "--learning-rate", 1e-2],
+        [
+            "--model",
+            out,
+            "--dataset",
+            parquet,
+            "--image-column",
+            "img",
+            "--label-column",
+            "fine_label",
+            "--output-dir",
+            probe,
+            "--max-steps",
+            3,
+            "--per-device-batch-size",
+            8,
+            "--linear-probe",
+            "--learning-rate",
+            1e-2,
+        ],
         capsys,
     )
     assert code == 0, err
@@ -463,8 +533,20 @@ def test_two_real_processes_match_one_process_with_the_same_global_batch(tmp_pat
     """
     train = make_image_folder(tmp_path / "train", classes=CLASSES, per_class=8, size=32, seed=0)
     config = _config_json(tmp_path, NO_DROPOUT)
-    common = ["--model-config", config, "--train-dir", train, "--max-steps", 6, "--learning-rate", 1e-3, "--seed", 3,
-              "--checkpointing-steps", 100]
+    common = [
+        "--model-config",
+        config,
+        "--train-dir",
+        train,
+        "--max-steps",
+        6,
+        "--learning-rate",
+        1e-3,
+        "--seed",
+        3,
+        "--checkpointing-steps",
+        100,
+    ]
     one = _run([*common, "--output-dir", tmp_path / "one", "--per-device-batch-size", 8], tmp_path)
     assert one.returncode == 0, one.stderr[-3000:]
     # The shipped config = `--multi_gpu --num_processes 2` + ACCELERATE_USE_CPU=true (`--cpu` starts one process).
@@ -473,10 +555,20 @@ def test_two_real_processes_match_one_process_with_the_same_global_batch(tmp_pat
     with socket.socket() as probe:  # a free rendezvous port, so concurrent launches cannot collide
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    launcher = (str(BIN / "accelerate"), "launch", "--config_file", str(CONFIGS / "cpu_multiprocess.yaml"),
-                "--main_process_port", str(port))
-    two = _run([*common, "--output-dir", tmp_path / "two", "--per-device-batch-size", 4], tmp_path,
-               launcher=launcher, ACCELERATE_USE_CPU="true")
+    launcher = (
+        str(BIN / "accelerate"),
+        "launch",
+        "--config_file",
+        str(CONFIGS / "cpu_multiprocess.yaml"),
+        "--main_process_port",
+        str(port),
+    )
+    two = _run(
+        [*common, "--output-dir", tmp_path / "two", "--per-device-batch-size", 4],
+        tmp_path,
+        launcher=launcher,
+        ACCELERATE_USE_CPU="true",
+    )
     assert two.returncode == 0, two.stderr[-3000:]
     log_one = json.loads((tmp_path / "one" / "training_log.json").read_text())
     log_two = json.loads((tmp_path / "two" / "training_log.json").read_text())
@@ -496,12 +588,27 @@ def test_sigkill_then_resume_latest_matches_uninterrupted_run(tmp_path):
     ends with the weights of an uninterrupted run (≤ 1e-6), dropout and drop path included."""
     train = make_image_folder(tmp_path / "train", classes=CLASSES[:2], per_class=12, size=32, seed=0)
     config = _config_json(tmp_path, dict(TINY, num_register_tokens=2, drop_path_rate=0.1, hidden_dropout_prob=0.1))
-    common = ["--model-config", config, "--train-dir", train, "--max-steps", 30, "--per-device-batch-size", 8,
-              "--learning-rate", 1e-3, "--seed", 5, "--checkpointing-steps", 4]
+    common = [
+        "--model-config",
+        config,
+        "--train-dir",
+        train,
+        "--max-steps",
+        30,
+        "--per-device-batch-size",
+        8,
+        "--learning-rate",
+        1e-3,
+        "--seed",
+        5,
+        "--checkpointing-steps",
+        4,
+    ]
     killed = tmp_path / "killed"
     # The uninterrupted reference runs at the same time (own datasets cache).
-    straight = _start([*common, "--output-dir", tmp_path / "straight"], tmp_path,
-                      HF_DATASETS_CACHE=str(tmp_path / "c2"))
+    straight = _start(
+        [*common, "--output-dir", tmp_path / "straight"], tmp_path, HF_DATASETS_CACHE=str(tmp_path / "c2")
+    )
     process = _start([*common, "--output-dir", killed], tmp_path)
     try:
         deadline = time.monotonic() + 120
@@ -525,7 +632,8 @@ def test_sigkill_then_resume_latest_matches_uninterrupted_run(tmp_path):
     # 24 images / 8 = 3 steps per epoch: the checkpoint at step 4 resumes mid-epoch.
     assert _max_diff(_weights(killed), _weights(tmp_path / "straight")) <= 1e-6
     reference = json.loads((tmp_path / "straight" / "training_log.json").read_text())
-    assert [l for _, l in log["train_loss"]] == pytest.approx([l for _, l in reference["train_loss"]], abs=1e-6)
+    losses = [loss for _, loss in log["train_loss"]]
+    assert losses == pytest.approx([loss for _, loss in reference["train_loss"]], abs=1e-6)
     assert math.isfinite(log["final_metrics"]["train_loss"])
 
 
@@ -567,9 +675,27 @@ def test_bf16_gradient_checkpointing_accumulation_and_push_to_hub(tmp_path, fold
 
     out = tmp_path / "bf16"
     code, err = _run_inprocess(
-        ["--model", "config:tiny", "--train-dir", folders, "--output-dir", out, "--max-steps", 2,
-         "--per-device-batch-size", 2, "--gradient-accumulation-steps", 2, "--mixed-precision", "bf16",
-         "--gradient-checkpointing", "--checkpointing-steps", 1, "--push-to-hub", "test-user/tiny-registers"],
+        [
+            "--model",
+            "config:tiny",
+            "--train-dir",
+            folders,
+            "--output-dir",
+            out,
+            "--max-steps",
+            2,
+            "--per-device-batch-size",
+            2,
+            "--gradient-accumulation-steps",
+            2,
+            "--mixed-precision",
+            "bf16",
+            "--gradient-checkpointing",
+            "--checkpointing-steps",
+            1,
+            "--push-to-hub",
+            "test-user/tiny-registers",
+        ],
         capsys,
     )
     assert code == 0, err

@@ -69,7 +69,11 @@ def test_upload_folder_snapshot_round_trip(hub_server, tmp_path):
     assert (snapshot / "small.txt").read_bytes() == small
     assert (snapshot / "sub" / "large.dat").read_bytes() == large
     assert sorted(p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*") if p.is_file()) == [
-        ".gitattributes", "README.md", "small.txt", "sub/large.dat"]
+        ".gitattributes",
+        "README.md",
+        "small.txt",
+        "sub/large.dat",
+    ]
 
     tree = {f.path: f for f in api.list_repo_tree("test-user/round-trip", recursive=True)}
     assert tree["sub/large.dat"].lfs.sha256 == hashlib.sha256(large).hexdigest()

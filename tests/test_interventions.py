@@ -120,8 +120,9 @@ def bright_patch_images(count=6) -> torch.Tensor:
 def test_discovery_finds_planted_register_neurons():
     model = planted_model(units=(3, 7))
     images = bright_patch_images()
-    found = find_register_neurons(model, [images[:3], images[3:]], top_k=2, highest_layer=1, detection_layer=1,
-                                  percentile=90)
+    found = find_register_neurons(
+        model, [images[:3], images[3:]], top_k=2, highest_layer=1, detection_layer=1, percentile=90
+    )
     assert found.neurons == {0: [3, 7]}
     assert found.images_with_outliers == 6 and found.images_seen == 6
     by_threshold = find_register_neurons(model, [images], top_k=2, highest_layer=1, threshold=found.threshold)
@@ -278,5 +279,7 @@ def test_paper_settings_are_valid_discovery_arguments():
         assert settings["highest_layer"] in (5, 17)
         scaled = dict(settings, highest_layer=1, top_k=2)  # the tiny model has 3 layers
         if "threshold" in scaled:
-            scaled["threshold"] = float(model(images, output_hidden_states=True).hidden_states[2][:, 1:].norm(dim=-1).quantile(0.9))
+            scaled["threshold"] = float(
+                model(images, output_hidden_states=True).hidden_states[2][:, 1:].norm(dim=-1).quantile(0.9)
+            )
         assert find_register_neurons(model, [images], **scaled).neurons == {0: [3, 7]}, name

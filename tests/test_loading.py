@@ -17,8 +17,9 @@ from vit_registers import (
 from vit_registers.analysis.loading import ModelLoadError, checkpoint_class, load_model
 from vit_registers.auto import IMAGE_PROCESSOR_CLASSES
 
-CONFIG = dict(image_size=28, patch_size=14, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-              num_register_tokens=2)
+CONFIG = dict(
+    image_size=28, patch_size=14, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_register_tokens=2
+)
 
 
 @pytest.fixture

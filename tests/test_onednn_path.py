@@ -13,8 +13,8 @@ import gc
 
 import pytest
 import torch
-
 from test_modeling import tiny_model as reference_model
+
 from vit_registers import ViTRegistersForImageClassification, ViTRegistersModel, onednn
 from vit_registers.modeling_vit_registers import ViTRegistersLayer
 from vit_registers.onednn import _ONEDNN_LINEAR, OneDNNPolicy
@@ -141,8 +141,12 @@ def loss_and_gradients(model, pixels, labels, create_graph=False):
 
 @pytest.mark.parametrize(
     "overrides",
-    [dict(), dict(layerscale_value=None, qkv_bias=False), dict(mlp_type="swiglu"),
-     dict(hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1, drop_path_rate=0.2)],
+    [
+        dict(),
+        dict(layerscale_value=None, qkv_bias=False),
+        dict(mlp_type="swiglu"),
+        dict(hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1, drop_path_rate=0.2),
+    ],
     ids=["layerscale", "no-layerscale", "swiglu", "dropout-droppath"],
 )
 def test_training_gradients_match_regular_path_on_every_parameter(overrides, monkeypatch):
@@ -308,8 +312,13 @@ def test_compiled_inference_keeps_the_onednn_products_as_opaque_ops():
 
     def recording_backend(gm, example_inputs):
         ops = (torch._ops.OpOverloadPacket, torch._ops.OpOverload)
-        graphs.append({str(n.target) if isinstance(n.target, ops) else getattr(n.target, "__name__", str(n.target))
-                       for n in gm.graph.nodes if n.op == "call_function"})
+        graphs.append(
+            {
+                str(n.target) if isinstance(n.target, ops) else getattr(n.target, "__name__", str(n.target))
+                for n in gm.graph.nodes
+                if n.op == "call_function"
+            }
+        )
         return gm.forward
 
     with torch.no_grad():
@@ -622,14 +631,22 @@ def test_small_inputs_take_aten_products_unless_the_weights_are_prepacked(monkey
         tokens = 1 + model.config.num_register_tokens + 4
         policy = OneDNNPolicy(True, False, False, min_inference_work=2 * tokens * model.config.hidden_size)
         layers = model.config.num_hidden_layers
-        for size, prepacked, products in (("small", False, 0), ("large", False, 4 * layers), ("small", True, 4 * layers)):
+        for size, prepacked, products in (
+            ("small", False, 0),
+            ("large", False, 4 * layers),
+            ("small", True, 4 * layers),
+        ):
             onednn.prepack_weights(model, prepacked)
             with pytest.MonkeyPatch.context() as patch:
-                patch.setattr(onednn, "onednn_policy", lambda: policy)
+                patch.setattr(onednn, "onednn_policy", lambda policy=policy: policy)
                 calls = count_onednn_calls(patch)
-                in_place, gelu_ = [], torch.ops.aten.gelu_
-                patch.setitem(onednn._INPLACE_ACTIVATIONS, "gelu",
-                              lambda hidden: in_place.append(1) or gelu_(hidden))
+                in_place = []
+
+                def counting_gelu_(hidden, seen=in_place, gelu_=torch.ops.aten.gelu_):
+                    seen.append(1)
+                    return gelu_(hidden)
+
+                patch.setitem(onednn._INPLACE_ACTIVATIONS, "gelu", counting_gelu_)
                 weights = record_weights(patch)
                 regular, fused = regular_and_onednn(model, pixels[size])
             assert calls[0] == layers and len(in_place) == layers  # the block's fused path, activation in place
@@ -670,7 +687,9 @@ def test_kernelize_binds_the_kernel_per_instance_and_reverts(monkeypatch):
         model(pixels)
     assert calls[0] == len(blocks)  # back to the reference forward
     onednn.kernelize(model)  # nothing of the kernel is state: the same keys as a model never kernelized
-    assert set(model.state_dict()) == set(reference_model(ViTRegistersForImageClassification, num_labels=5).state_dict())
+    assert set(model.state_dict()) == set(
+        reference_model(ViTRegistersForImageClassification, num_labels=5).state_dict()
+    )
 
 
 @pytest.mark.parametrize("setting, expected", [("", True), ("off", False), ("0", False), ("on", True)])
@@ -693,7 +712,9 @@ def test_kernel_layer_has_the_shape_of_a_kernels_layer():
 
     layer = onednn.OneDNNViTRegistersLayer
     assert layer.__init__ is torch.nn.Module.__init__
-    members = {name for name, _ in inspect.getmembers(layer)} - {name for name, _ in inspect.getmembers(torch.nn.Module)}
+    members = {name for name, _ in inspect.getmembers(layer)} - {
+        name for name, _ in inspect.getmembers(torch.nn.Module)
+    }
     assert members == {"can_torch_compile", "has_backward"}
     kernel, reference = (inspect.signature(cls.forward).parameters for cls in (layer, ViTRegistersLayer))
     assert [(p.name, p.kind, p.default) for p in kernel.values()] == [

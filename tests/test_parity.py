@@ -57,7 +57,9 @@ TIMM_CASES = [
 
 @pytest.mark.parametrize("arch,extra", TIMM_CASES, ids=[case[0] for case in TIMM_CASES])
 def test_timm_parity(arch, extra, tmp_path):
-    reference = redraw_(timm.create_model(arch, pretrained=False, dynamic_img_size=True, num_classes=0, **SMALL, **extra))
+    reference = redraw_(
+        timm.create_model(arch, pretrained=False, dynamic_img_size=True, num_classes=0, **SMALL, **extra)
+    )
     path = tmp_path / "model.safetensors"
     save_file(reference.state_dict(), str(path))
     model = convert("timm", path, arch=arch, num_attention_heads=SMALL["num_heads"])
@@ -86,7 +88,9 @@ def official_state_dict(timm_model: torch.nn.Module, swiglu: bool) -> dict[str, 
     return state
 
 
-def official_patch_positions(position_embeddings: torch.Tensor, height: int, width: int, offset: float, antialias: bool):
+def official_patch_positions(
+    position_embeddings: torch.Tensor, height: int, width: int, offset: float, antialias: bool
+):
     """The official DINOv2 resampling formula (dinov2/models/vision_transformer.py, interpolate_pos_encoding)."""
     patch = position_embeddings[:, 1:]
     side = int(patch.shape[1] ** 0.5)
@@ -112,7 +116,9 @@ def test_official_dinov2_without_registers_uses_offset_interpolation(swiglu):
     assert model.config.mlp_type == ("swiglu" if swiglu else "mlp")
     for height, width in [(4, 4), (6, 6), (3, 5)]:
         # reference: a timm model built at exactly this grid, fed the officially resampled position embeddings
-        fixed = timm.create_model(arch, pretrained=False, img_size=(14 * height, 14 * width), num_classes=0, **SMALL, **extra)
+        fixed = timm.create_model(
+            arch, pretrained=False, img_size=(14 * height, 14 * width), num_classes=0, **SMALL, **extra
+        )
         weights = dict(timm_model.state_dict())
         if (height, width) != (4, 4):
             weights["pos_embed"] = official_patch_positions(weights["pos_embed"], height, width, 0.1, False)
@@ -158,7 +164,9 @@ def test_official_arch_names_fix_the_interpolation_flags():
     table = official_hub_arch_config()
     assert table["dinov2_vitg14_reg"]["mlp_type"] == "swiglu" and table["dinov2_vitg14_reg"]["num_register_tokens"] == 4
     assert table["dinov2_vitl14"]["interpolate_offset"] == 0.1 and not table["dinov2_vitl14"]["interpolate_antialias"]
-    assert table["dinov2_vitb14_reg"]["interpolate_offset"] == 0.0 and table["dinov2_vitb14_reg"]["interpolate_antialias"]
+    assert (
+        table["dinov2_vitb14_reg"]["interpolate_offset"] == 0.0 and table["dinov2_vitb14_reg"]["interpolate_antialias"]
+    )
 
 
 def _hf_model(with_registers: bool, swiglu: bool):

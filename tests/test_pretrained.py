@@ -94,8 +94,14 @@ def test_default_model_recipe_smoke_trains(tmp_path):
     generate_dataset(dataset, seed=0, image_size=32, num_train=2, num_validation=1, num_test=1)
     values = dict(zip(args[::2], args[1:][::2]))
     assert values["--model-config"] == f"scripts/default_models/{MODEL_NAMES[4]}.json"
-    values.update({"--model-config": str(ROOT / values["--model-config"]), "--dataset": str(dataset),
-                   "--output-dir": str(tmp_path / "run"), "--per-device-batch-size": "4"})
+    values.update(
+        {
+            "--model-config": str(ROOT / values["--model-config"]),
+            "--dataset": str(dataset),
+            "--output-dir": str(tmp_path / "run"),
+            "--per-device-batch-size": "4",
+        }
+    )
     values.pop("--num-train-epochs")
     command = [sys.executable, str(ROOT / "scripts" / "finetune.py"), "--max-steps", "2"]
     for flag, value in values.items():

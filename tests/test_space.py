@@ -44,7 +44,10 @@ ARTIFACTS = ROOT / "test-artifacts"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
-    "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
     "--no-first-run",
 ]
 
@@ -52,7 +55,11 @@ CHROMIUM_ARGS = [
 def _save_tiny_model(directory: Path, registers: int, seed: int) -> str:
     torch.manual_seed(seed)
     config = ViTRegistersConfig(
-        image_size=28, patch_size=14, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        image_size=28,
+        patch_size=14,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
         num_register_tokens=registers,
     )
     ViTRegistersModel(config).save_pretrained(directory)
@@ -307,8 +314,12 @@ def test_client_results_equal_the_library(client, model_dirs, images):
         assert stats["lost_box"] == pytest.approx(analysis.lost.box)
         # The norm figure is the library's figure, pixel for pixel, delivered as PNG.
         expected = space.figure_to_image(
-            figures.norm_figure(prepared.image, analysis.patch_norm_map, threshold=analysis.threshold,
-                                title=f"{stats['label']}: patch norms")
+            figures.norm_figure(
+                prepared.image,
+                analysis.patch_norm_map,
+                threshold=analysis.threshold,
+                title=f"{stats['label']}: patch norms",
+            )
         )
         np.testing.assert_array_equal(_assert_png(shown["norms"]), np.asarray(expected))
         table = dict(shown["table"]["data"])
@@ -369,7 +380,8 @@ def test_sixteen_concurrent_requests_all_answered_correctly(client, model_dirs, 
     store = space.ModelStore()
     expected = {
         case: space.analyze(case[0], ["tiny-reg4"], value=case[1], models=model_dirs, store=store)
-        .results[0].stats["threshold"]
+        .results[0]
+        .stats["threshold"]
         for case in set(cases)
     }
     jobs = [

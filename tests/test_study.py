@@ -19,8 +19,13 @@ def test_study_reports_accuracy_corloc_and_norm_statistics(tmp_path, capsys):
     for registers in (0, 4):
         torch.manual_seed(registers)
         config = ViTRegistersConfig(
-            image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-            num_register_tokens=registers, id2label=dict(enumerate(CLASS_NAMES)),
+            image_size=32,
+            patch_size=8,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_register_tokens=registers,
+            id2label=dict(enumerate(CLASS_NAMES)),
             label2id={name: i for i, name in enumerate(CLASS_NAMES)},
         )
         path = tmp_path / f"model-reg{registers}"

@@ -145,8 +145,10 @@ def test_trainer_gradient_accumulation_matches_full_batch(tmp_path):
         Trainer(model=model, args=args, train_dataset=train, data_collator=collate).train()
         weights.append({k: v.detach().clone() for k, v in model.state_dict().items()})
     initial, _ = _model_and_processor(path, train)
-    assert not torch.allclose(weights[0]["vit_registers.encoder.layer.0.mlp.fc1.weight"],
-                              initial.state_dict()["vit_registers.encoder.layer.0.mlp.fc1.weight"])
+    assert not torch.allclose(
+        weights[0]["vit_registers.encoder.layer.0.mlp.fc1.weight"],
+        initial.state_dict()["vit_registers.encoder.layer.0.mlp.fc1.weight"],
+    )
     for name in weights[0]:
         torch.testing.assert_close(weights[1][name], weights[0][name], atol=2e-5, rtol=1e-4, msg=name)
 
@@ -160,8 +162,9 @@ def test_trainer_push_to_hub_over_http(tmp_path, hub_server, monkeypatch):
     train, _ = _load(tmp_path)
     model, processor = _model_and_processor(_pretrained_dir(tmp_path), train)
     train.set_transform(hf_transform(processor, train=True))
-    args = _args(tmp_path, num_train_epochs=1, push_to_hub=True, hub_model_id="test-user/trainer-push",
-                 hub_strategy="end")
+    args = _args(
+        tmp_path, num_train_epochs=1, push_to_hub=True, hub_model_id="test-user/trainer-push", hub_strategy="end"
+    )
     trainer = Trainer(model=model, args=args, train_dataset=train, data_collator=collate, processing_class=processor)
     trainer.train()
     trainer.push_to_hub()

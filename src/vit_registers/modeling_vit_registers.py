@@ -538,7 +538,10 @@ class ViTRegistersModel(ViTRegistersPreTrainedModel):
         else:
             if num_tokens < 1:
                 raise ValueError(f"num_tokens must be >= 1, got {num_tokens}.")
-            spec = {"num_tokens": int(num_tokens), "neurons": {str(int(k)): sorted(int(u) for u in v) for k, v in neurons.items()}}
+            spec = {
+                "num_tokens": int(num_tokens),
+                "neurons": {str(int(k)): sorted(int(u) for u in v) for k, v in neurons.items()},
+            }
         previous = self.config.test_time_registers
         self.config.test_time_registers = spec
         try:

@@ -160,12 +160,16 @@ def _opaque_onednn_ops():
         return _ONEDNN_LINEAR.binary(inputs.contiguous(), other.contiguous(), weight, bias, "add")
 
     linear_op = torch.library.custom_op(
-        "vit_registers::onednn_linear", linear, mutates_args=(),
+        "vit_registers::onednn_linear",
+        linear,
+        mutates_args=(),
         schema="(Tensor inputs, Tensor weight, Tensor? bias, str post_op, str algorithm) -> Tensor",
     )
     linear_op.register_fake(lambda inputs, weight, *_: inputs.new_empty((*inputs.shape[:-1], weight.shape[0])))
     add_op = torch.library.custom_op(
-        "vit_registers::onednn_linear_add", linear_add, mutates_args=(),
+        "vit_registers::onednn_linear_add",
+        linear_add,
+        mutates_args=(),
         schema="(Tensor inputs, Tensor other, Tensor weight, Tensor? bias) -> Tensor",
     )
     add_op.register_fake(lambda inputs, other, *_: other.new_empty(other.shape))
@@ -459,7 +463,9 @@ class OneDNNViTRegistersLayer(nn.Module):
         if getattr(self, "gradient_checkpointing", False) and self.training:
             # transformers' GradientCheckpointingLayer checkpoints the class's `forward`; one bound to the instance
             # has to do it itself, the same way (the layer's checkpoint function, positional tensors)
-            return self._gradient_checkpointing_func(partial(onednn_layer_forward, self), hidden_states, output_attentions)
+            return self._gradient_checkpointing_func(
+                partial(onednn_layer_forward, self), hidden_states, output_attentions
+            )
         return onednn_layer_forward(self, hidden_states, output_attentions)
 
 

@@ -38,8 +38,8 @@ from PIL import Image  # noqa: E402
 from .analysis import figures  # noqa: E402
 from .analysis.images import (  # noqa: E402
     BUNDLED_PHOTOS,
-    bundled_photos,
     ImageError,
+    bundled_photos,
     load_image,
     prepare_with_processor,
     target_short_side,
@@ -352,9 +352,7 @@ def analyze_model(
         else figures.attention_figure(shown, {"CLS": named["CLS"]}, max_heads=0),
         "register_attention": None
         if maps.registers.shape[1] == 0
-        else figures.attention_figure(
-            shown, {k: v for k, v in named.items() if k != "CLS"}, max_heads=0
-        ),
+        else figures.attention_figure(shown, {k: v for k, v in named.items() if k != "CLS"}, max_heads=0),
         "heads": figures.attention_figure(shown, named, title=f"layer {maps.layer}, every head") if named else None,
         "pca": figures.pca_figure(
             shown, analysis.pca_rgb, analysis.pca_whitened, analysis.pca_foreground_rgb, title=title
@@ -512,8 +510,15 @@ def build_demo(
         value = threshold if rule == "absolute" else percentile
         try:
             result = analyze(
-                image_path, model_choices, test_time_registers, layer, rule, value,
-                models=models, store=store, max_side=max_side,
+                image_path,
+                model_choices,
+                test_time_registers,
+                layer,
+                rule,
+                value,
+                models=models,
+                store=store,
+                max_side=max_side,
             )
         except DemoError as error:
             raise gr.Error(str(error), print_exception=False) from None
@@ -538,36 +543,59 @@ def build_demo(
         with gr.Row():
             with gr.Column(scale=1):
                 image = gr.Image(
-                    label="Image", type="filepath", image_mode=None, sources=["upload", "clipboard"],
-                    format="png", elem_id="input-image",
+                    label="Image",
+                    type="filepath",
+                    image_mode=None,
+                    sources=["upload", "clipboard"],
+                    format="png",
+                    elem_id="input-image",
                 )
                 _pass_unreadable_files(image)
                 if examples:
-                    gr.Examples(examples=[[p] for p in examples], inputs=[image], label="Example photos",
-                                cache_examples=False)
+                    gr.Examples(
+                        examples=[[p] for p in examples], inputs=[image], label="Example photos", cache_examples=False
+                    )
             with gr.Column(scale=1):
                 model_picker = gr.Dropdown(
-                    choices=list(models), value=list(models)[:MAX_MODELS], multiselect=True,
-                    max_choices=MAX_MODELS, allow_custom_value=True, label="Models (1 to 3)",
+                    choices=list(models),
+                    value=list(models)[:MAX_MODELS],
+                    multiselect=True,
+                    max_choices=MAX_MODELS,
+                    allow_custom_value=True,
+                    label="Models (1 to 3)",
                     info="Pick listed models or type a local model directory or Hub id and press Enter.",
                     elem_id="models",
                 )
                 ttr = gr.Checkbox(
-                    value=False, label="Test-time registers",
+                    value=False,
+                    label="Test-time registers",
                     info="Move the register neurons' activations into an extra token (Jiang et al. 2025).",
                 )
                 layer = gr.Number(
-                    value=-1, precision=0, label="Attention layer", info="-1 = last; negative counts from the end.",
+                    value=-1,
+                    precision=0,
+                    label="Attention layer",
+                    info="-1 = last; negative counts from the end.",
                 )
                 rule = gr.Radio(list(RULES), value="percentile", label="Outlier rule")
                 percentile = gr.Slider(
-                    0, 100, value=98, step=0.5, label="Percentile of this image's patch norms",
+                    0,
+                    100,
+                    value=98,
+                    step=0.5,
+                    label="Percentile of this image's patch norms",
                     info="Patches above this percentile are outliers (the reproducibility studies use 98).",
                     elem_id="percentile",
                 )
                 threshold = gr.Slider(
-                    0, MAX_THRESHOLD, value=150, step=0.1, label="Absolute norm threshold", visible=False,
-                    info="Patches above this norm are outliers (the paper uses 150 for DINOv2).", elem_id="threshold",
+                    0,
+                    MAX_THRESHOLD,
+                    value=150,
+                    step=0.1,
+                    label="Absolute norm threshold",
+                    visible=False,
+                    info="Patches above this norm are outliers (the paper uses 150 for DINOv2).",
+                    elem_id="threshold",
                 )
                 button = gr.Button("Analyze", variant="primary", elem_id="analyze")
         notice = gr.Markdown(elem_id="notice")
@@ -577,12 +605,18 @@ def build_demo(
                 with gr.Column(visible=False, elem_id=f"model-{slot}") as column:
                     header = gr.Markdown()
                     pictures = [
-                        gr.Image(label=FIGURE_LABELS[key], format="png", type="pil", interactive=False,
-                                 elem_id=f"{key}-{slot}")
+                        gr.Image(
+                            label=FIGURE_LABELS[key],
+                            format="png",
+                            type="pil",
+                            interactive=False,
+                            elem_id=f"{key}-{slot}",
+                        )
                         for key in FIGURE_KEYS
                     ]
-                    table = gr.Dataframe(headers=["statistic", "value"], label="Statistics", interactive=False,
-                                         elem_id=f"stats-{slot}")
+                    table = gr.Dataframe(
+                        headers=["statistic", "value"], label="Statistics", interactive=False, elem_id=f"stats-{slot}"
+                    )
                 columns.append(column)
                 figure_outputs += pictures
                 slot_outputs += [column, header, *pictures, table]
@@ -593,6 +627,7 @@ def build_demo(
             return gr.Slider(visible=rule_name == "percentile"), gr.Slider(visible=rule_name == "absolute")
 
         rule.change(switch_rule, rule, [percentile, threshold], api_name=False, queue=False)
+
         def show_panels(numbers):  # hide the panels a model has nothing for (no CLS, no register)
             models_stats = (numbers or {}).get("models", [])
             return [
@@ -602,8 +637,11 @@ def build_demo(
             ]
 
         button.click(lambda: "", None, notice, api_name=False, queue=False).then(  # no stale notice on errors
-            run, [image, model_picker, ttr, layer, rule, percentile, threshold], [notice, stats, *slot_outputs],
-            api_name="analyze", concurrency_limit=CONCURRENCY_LIMIT,
+            run,
+            [image, model_picker, ttr, layer, rule, percentile, threshold],
+            [notice, stats, *slot_outputs],
+            api_name="analyze",
+            concurrency_limit=CONCURRENCY_LIMIT,
         ).then(show_panels, stats, figure_outputs, api_name=False, queue=False)
     demo.queue(default_concurrency_limit=CONCURRENCY_LIMIT, max_size=QUEUE_SIZE)
     demo.example_dir = str(Path(examples[0]).parent) if examples else None
@@ -615,10 +653,17 @@ def launch_demo(demo, host: str | None = None, port: int | None = None, **kwargs
     import gradio as gr
 
     allowed = [demo.example_dir] if getattr(demo, "example_dir", None) else []
-    theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
-                              font_mono=["ui-monospace", "monospace"])
-    options = {"share": False, "max_file_size": MAX_FILE_SIZE, "allowed_paths": allowed, "theme": theme,
-               "ssr_mode": False, "footer_links": ["api"]}
+    theme = gr.themes.Default(
+        font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"]
+    )
+    options = {
+        "share": False,
+        "max_file_size": MAX_FILE_SIZE,
+        "allowed_paths": allowed,
+        "theme": theme,
+        "ssr_mode": False,
+        "footer_links": ["api"],
+    }
     options.update(kwargs)
     return demo.launch(server_name=host, server_port=port, **options)
 
@@ -628,12 +673,21 @@ def launch_demo(demo, host: str | None = None, port: int | None = None, **kwargs
 
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of `vit-registers demo` (and of the Space's app.py)."""
-    parser.add_argument("--model", action="append", default=None, metavar="PATH_OR_ID",
-                        help="model offered in the picker (repeat for up to three; default: the embedded models)")
+    parser.add_argument(
+        "--model",
+        action="append",
+        default=None,
+        metavar="PATH_OR_ID",
+        help="model offered in the picker (repeat for up to three; default: the embedded models)",
+    )
     parser.add_argument("--port", type=int, default=None, help="port (default: $GRADIO_SERVER_PORT or 7860)")
     parser.add_argument("--host", default=None, help="address to listen on (default: $GRADIO_SERVER_NAME or 127.0.0.1)")
-    parser.add_argument("--max-side", type=int, default=DEFAULT_MAX_SIDE,
-                        help=f"images are downscaled to this longer side (default: {DEFAULT_MAX_SIDE})")
+    parser.add_argument(
+        "--max-side",
+        type=int,
+        default=DEFAULT_MAX_SIDE,
+        help=f"images are downscaled to this longer side (default: {DEFAULT_MAX_SIDE})",
+    )
     parser.add_argument("--device", default=None, help="torch device for the models (default: cuda if available)")
 
 

@@ -47,8 +47,15 @@ def _split_rows(dataset: Path, split: str) -> list[dict]:
 
 
 @torch.no_grad()
-def study_model(path: str | os.PathLike, dataset: str | os.PathLike, split: str = "test", batch_size: int = 32,
-                output_dir: str | os.PathLike | None = None, num_figures: int = 3, limit: int | None = None) -> ModelStudy:
+def study_model(
+    path: str | os.PathLike,
+    dataset: str | os.PathLike,
+    split: str = "test",
+    batch_size: int = 32,
+    output_dir: str | os.PathLike | None = None,
+    num_figures: int = 3,
+    limit: int | None = None,
+) -> ModelStudy:
     """Accuracy, CorLoc, per-layer patch-norm statistics and attention figures of one classification model."""
     from transformers import AutoImageProcessor, AutoModelForImageClassification
 
@@ -73,13 +80,15 @@ def study_model(path: str | os.PathLike, dataset: str | os.PathLike, split: str 
     for depth, norms in enumerate(norms_per_depth.flatten(1)):
         threshold = sigma_threshold(norms, k=3.0)
         median = float(norms.median())
-        layers.append({
-            "depth": depth,
-            "max_patch_norm": float(norms.max()),
-            "median_patch_norm": median,
-            "max_over_median": float(norms.max()) / median,
-            "outlier_fraction_3sigma": outlier_fraction(norms > threshold),
-        })
+        layers.append(
+            {
+                "depth": depth,
+                "max_patch_norm": float(norms.max()),
+                "median_patch_norm": median,
+                "max_over_median": float(norms.max()) / median,
+                "outlier_fraction_3sigma": outlier_fraction(norms > threshold),
+            }
+        )
     base = classifier.base_model
     corloc = evaluate_corloc(base, processor, dataset / split, batch_size=batch_size, progress=False, square=True)
     written = []
@@ -125,8 +134,14 @@ def markdown_table(studies: list[ModelStudy]) -> str:
     return "\n".join(lines)
 
 
-def run_study(models: list[str], dataset: str | os.PathLike, output_dir: str | os.PathLike, split: str = "test",
-              limit: int | None = None, num_figures: int = 3) -> list[ModelStudy]:
+def run_study(
+    models: list[str],
+    dataset: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    split: str = "test",
+    limit: int | None = None,
+    num_figures: int = 3,
+) -> list[ModelStudy]:
     studies = [
         study_model(model, dataset, split, output_dir=output_dir, limit=limit, num_figures=num_figures)
         for model in models

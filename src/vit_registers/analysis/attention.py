@@ -125,8 +125,10 @@ def dataset_average_maps(
         if size is None:
             size = tuple(pixel_values.shape[-2:])
         elif tuple(pixel_values.shape[-2:]) != size:
-            raise ValueError(f"All images must share one input size to average maps: got {size} and "
-                             f"{tuple(pixel_values.shape[-2:])}.")
+            raise ValueError(
+                f"All images must share one input size to average maps: got {size} and "
+                f"{tuple(pixel_values.shape[-2:])}."
+            )
         for maps in attention_maps(model, pixel_values, layers):
             cls = None if maps.cls is None else maps.cls_mean.sum(0).cpu()
             registers = maps.registers_mean.sum(0).cpu()

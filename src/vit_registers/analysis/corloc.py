@@ -141,12 +141,14 @@ def evaluate_corloc(
         pixel_values = torch.stack([prepared.pixel_values for _, prepared in batch])
         for (sample, prepared), result in zip(batch, lost_boxes(model, pixel_values, layer, kind, k, bias)):
             box = prepared.box_to_original(result.box)
-            per_image.append({
-                "file": sample.path,
-                "box": [round(v, 2) for v in box],
-                "best_iou": round(max(box_iou(box, gt) for gt in sample.boxes), 4),
-                "correct": is_correct_localization(box, sample.boxes),
-            })
+            per_image.append(
+                {
+                    "file": sample.path,
+                    "box": [round(v, 2) for v in box],
+                    "best_iou": round(max(box_iou(box, gt) for gt in sample.boxes), 4),
+                    "correct": is_correct_localization(box, sample.boxes),
+                }
+            )
 
     for sample in tqdm(samples, desc="CorLoc", unit="image", disable=not progress):
         try:

@@ -112,8 +112,9 @@ def lost(
     """
     height, width = grid
     if features.ndim != 2 or features.shape[0] != height * width:
-        raise ValueError(f"features must be ({height * width}, dim) for a {height}x{width} grid, "
-                         f"got {tuple(features.shape)}.")
+        raise ValueError(
+            f"features must be ({height * width}, dim) for a {height}x{width} grid, got {tuple(features.shape)}."
+        )
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}.")
     features = features.double()

@@ -89,7 +89,9 @@ def _load_file(path: Path) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         return torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - every reader failure means the same thing to the user
-        raise ConversionError(f"Could not read checkpoint {path}: it is corrupt or not a tensor file ({error}).") from None
+        raise ConversionError(
+            f"Could not read checkpoint {path}: it is corrupt or not a tensor file ({error})."
+        ) from None
 
 
 def _load_directory(path: Path) -> dict[str, torch.Tensor]:

@@ -35,6 +35,7 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 TEMPLATE_PATH = Path(__file__).resolve().parents[3] / "model_cards" / "vit_registers.md"
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN  # noqa: E402
 from transformers.image_utils import IMAGENET_DEFAULT_STD as IMAGENET_STD  # noqa: E402
+
 OFFICIAL_BASE_MODELS = {
     "dinov2_vits14": "facebook/dinov2-small",
     "dinov2_vitb14": "facebook/dinov2-base",
@@ -119,7 +120,8 @@ class ParityReport:
             "seed": self.seed,
             "reference": self.reference_name,
             "rows": [
-                {"height": r.height, "width": r.width, "max_abs_diff": r.max_abs_diff, "note": r.note} for r in self.rows
+                {"height": r.height, "width": r.width, "max_abs_diff": r.max_abs_diff, "note": r.note}
+                for r in self.rows
             ],
             "problems": list(self.problems),
         }
@@ -246,9 +248,17 @@ def make_image_processor(source: str, reference: torch.nn.Module | None = None, 
         else:
             size = {"height": int(math.floor(height / crop_pct)), "width": int(math.floor(width / crop_pct))}
         processor = BitImageProcessor(
-            do_resize=True, size=size, resample=resample, do_center_crop=True,
-            crop_size={"height": height, "width": width}, do_rescale=True, rescale_factor=1 / 255,
-            do_normalize=True, image_mean=list(data["mean"]), image_std=list(data["std"]), do_convert_rgb=True,
+            do_resize=True,
+            size=size,
+            resample=resample,
+            do_center_crop=True,
+            crop_size={"height": height, "width": width},
+            do_rescale=True,
+            rescale_factor=1 / 255,
+            do_normalize=True,
+            image_mean=list(data["mean"]),
+            image_std=list(data["std"]),
+            do_convert_rgb=True,
         )
         description = (
             f"timm data config — resize {size}, center crop {height}×{width} (crop_pct {crop_pct}), "
@@ -257,11 +267,22 @@ def make_image_processor(source: str, reference: torch.nn.Module | None = None, 
         )
         return processor, description
     processor = BitImageProcessor(
-        do_resize=True, size={"shortest_edge": 256}, resample=3, do_center_crop=True,
-        crop_size={"height": 224, "width": 224}, do_rescale=True, rescale_factor=1 / 255,
-        do_normalize=True, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD, do_convert_rgb=True,
+        do_resize=True,
+        size={"shortest_edge": 256},
+        resample=3,
+        do_center_crop=True,
+        crop_size={"height": 224, "width": 224},
+        do_rescale=True,
+        rescale_factor=1 / 255,
+        do_normalize=True,
+        image_mean=IMAGENET_MEAN,
+        image_std=IMAGENET_STD,
+        do_convert_rgb=True,
     )
-    return processor, "DINOv2 evaluation transform — resize 256 (short side), center crop 224, bicubic, ImageNet mean/std"
+    return (
+        processor,
+        "DINOv2 evaluation transform — resize 256 (short side), center crop 224, bicubic, ImageNet mean/std",
+    )
 
 
 def default_base_model(source: str, arch: str | None, reference: torch.nn.Module | None = None) -> str | None:
@@ -430,7 +451,9 @@ def check_hub_access(repo_id: str, token: str | None = None) -> str:
         user = HfApi(token=token).whoami()
     except HfHubHTTPError as error:
         status = error.response.status_code if error.response is not None else "?"
-        raise ConversionError(f"Cannot push: the Hub rejected the token (HTTP {status}). Log in or set HF_TOKEN.") from None
+        raise ConversionError(
+            f"Cannot push: the Hub rejected the token (HTTP {status}). Log in or set HF_TOKEN."
+        ) from None
     except Exception as error:  # noqa: BLE001 - e.g. no token at all (LocalTokenNotFoundError), no connection
         raise ConversionError(f"Cannot push: {type(error).__name__}: {str(error).splitlines()[0]}") from None
     return user.get("name", "?")
@@ -482,8 +505,9 @@ def convert_and_publish(
         reference = build_reference(source, checkpoint, arch=arch)
         steps.update()
         steps.set_description("verifying")
-        report = verify(model, reference, source=source, resolutions=resolutions, tolerance=tolerance,
-                        progress=progress)
+        report = verify(
+            model, reference, source=source, resolutions=resolutions, tolerance=tolerance, progress=progress
+        )
         steps.update()
     log(f"parity vs {report.reference_name} (max abs diff, tolerance {tolerance:g}):")
     for line in report.lines():
@@ -496,8 +520,14 @@ def convert_and_publish(
         )
     processor, preprocessing = make_image_processor(source, reference, checkpoint)
     card = build_model_card(
-        model, report, source=source, arch=arch, repo_id=push_to_hub,
-        base_model=base_model or default_base_model(source, arch, reference), license=license, dtype=dtype,
+        model,
+        report,
+        source=source,
+        arch=arch,
+        repo_id=push_to_hub,
+        base_model=base_model or default_base_model(source, arch, reference),
+        license=license,
+        dtype=dtype,
         preprocessing=preprocessing,
     )
     del reference

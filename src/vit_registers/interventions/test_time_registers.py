@@ -18,7 +18,6 @@ import torch
 from ..analysis.tokens import TokenLayout
 from ..modeling_vit_registers import ViTRegistersModel
 
-
 # Discovery settings reported by Jiang et al. (2025) for their checkpoints; pass as keywords:
 # `find_register_neurons(model, batches, **PAPER_SETTINGS["dinov2_vitl14"])`. The detection layer is the
 # second-to-last (the function's default).

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN  # noqa: E402
 from transformers.image_utils import IMAGENET_DEFAULT_STD as IMAGENET_STD  # noqa: E402
 

@@ -450,7 +450,9 @@ def train(config: FinetuneConfig) -> dict:
     summary = prepare_model_for_training(model, config)
     layer_decay = config.layer_decay if config.layer_decay is not None else (1.0 if from_scratch else 0.75)
 
-    train_set = TransformedDataset(data.train, build_transforms(processor, train=True, crop_scale_min=config.crop_scale_min), seed=config.seed)
+    train_set = TransformedDataset(
+        data.train, build_transforms(processor, train=True, crop_scale_min=config.crop_scale_min), seed=config.seed
+    )
     generator = torch.Generator().manual_seed(config.seed)
     workers = _num_workers(accelerator.num_processes)
     train_loader = torch.utils.data.DataLoader(

@@ -19,9 +19,7 @@ class Accuracy(evaluate.Metric):
             description="Accuracy: proportion of correct predictions.",
             citation="",
             inputs_description="predictions and references: lists of integer class ids.",
-            features=datasets.Features(
-                {"predictions": datasets.Value("int64"), "references": datasets.Value("int64")}
-            ),
+            features=datasets.Features({"predictions": datasets.Value("int64"), "references": datasets.Value("int64")}),
         )
 
     def _compute(self, predictions, references, sample_weight=None):
