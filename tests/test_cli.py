@@ -249,3 +249,20 @@ def test_console_script_runs_without_traceback(tmp_path, model_dir, photos):
     assert done.returncode == 1
     assert "Traceback" not in done.stderr and "notes.png: not an image file" in done.stderr
     assert (tmp_path / "o" / "coffee_pca.png").exists()
+
+
+@pytest.mark.slow  # a fresh interpreter imports torch + transformers: ~10-25 s on 2 busy cores
+def test_readme_command_prints_only_its_own_result(tmp_path, photos):
+    """The README's main command (embedded default model) on one photo, where no progress bar is drawn: one result
+    line, nothing on stderr. transformers' load report (classifier.* UNEXPECTED), its "Falling back to pil backend"
+    notice and its weight-loading bar were printed here."""
+    script = Path(sys.executable).with_name("vit-registers")
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "vit_registers.cli"]
+    out = tmp_path / "demo"
+    done = subprocess.run([*command, "analyze", photos["coffee"], "--output-dir", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    printed = done.stdout + done.stderr
+    assert "UNEXPECTED" not in printed and "Falling back to pil backend" not in printed
+    assert done.stderr == ""
+    assert done.stdout.splitlines() == [f"analysed 1 of 1 image(s); figures and stats in {out}"]
