@@ -2,8 +2,12 @@
 
 Token norms and high-norm outliers, neighbour similarity, attention maps of CLS and registers, PCA of patch
 features, LOST boxes and CorLoc, and the matplotlib figures shown by the CLI and the Space.
+
+The figure functions are imported from `figures` on first use, so that the computations (corloc, find-register-neurons,
+`vit_registers.interventions`) do not import matplotlib.
 """
 
+from .._lazy import lazy_names
 from .attention import (
     AttentionMaps,
     AverageAttention,
@@ -15,7 +19,6 @@ from .attention import (
     upsample,
 )
 from .corloc import CorLocResult, DatasetError, evaluate_corloc, read_box_dataset
-from .figures import attention_figure, lost_figure, norm_figure, pca_figure, save_figure
 from .images import (
     ImageError,
     PreparedImage,
@@ -41,6 +44,10 @@ from .outliers import (
 from .pca import foreground_mask, pca, pca_rgb, whitened_first_component
 from .pipeline import ImageAnalysis, analyze_batch, label_outliers
 from .tokens import TokenLayout, run_model
+
+__getattr__, __dir__ = lazy_names(
+    __name__, {"figures": ["attention_figure", "lost_figure", "norm_figure", "pca_figure", "save_figure"]}
+)
 
 __all__ = [
     "AttentionMaps",
