@@ -237,6 +237,18 @@ def test_subcommands_can_be_registered(capsys):
     assert set(cli.SUBCOMMANDS) >= {"analyze", "corloc"}
 
 
+def test_only_the_chosen_subcommand_gets_its_arguments(capsys):
+    assert cli.chosen_command(["--traceback", "corloc", "--dataset", "d"]) == "corloc"
+    assert cli.chosen_command(["--help"]) is None and cli.chosen_command(["bogus", "analyze"]) is None
+    parser = cli.build_parser(["corloc"])
+    assert parser.parse_args(["corloc", "--dataset", "d"]).dataset == Path("d")
+    with pytest.raises(SystemExit):
+        parser.parse_args(["analyze", "--output-dir", "o"])  # analyze has no arguments in this parser
+    assert "unrecognized arguments: --output-dir" in capsys.readouterr().err
+    full = cli.build_parser()  # every subcommand's arguments
+    assert full.parse_args(["analyze", "--output-dir", "o"]).output_dir == Path("o")
+
+
 @pytest.mark.slow  # a fresh interpreter imports torch + transformers: ~10-25 s on 2 busy cores
 def test_console_script_runs_without_traceback(tmp_path, model_dir, photos):
     script = Path(sys.executable).with_name("vit-registers")

@@ -6,6 +6,10 @@ Subcommands live in `SUBCOMMANDS` (name → [`Subcommand`]); others add theirs w
 
 `run(args)` returns the exit status. Errors a user can fix raise [`CLIError`] (or a `ValueError`/`OSError` with a
 clear message): `main` prints one line and exits non-zero, with no traceback unless `--traceback` is given.
+
+Every command that analyses a model gets it from [`load_model_from_args`]. Start-up stays cheap: `main` adds the
+arguments of the chosen subcommand only (the demo's come from `vit_registers.space`), and each subcommand imports
+what it uses (matplotlib, gradio, ...) inside its `run`.
 """
 
 from __future__ import annotations
@@ -14,14 +18,13 @@ import argparse
 import json
 import sys
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from .cpu_allocator import tune_cpu_allocator
 
 PROG = "vit-registers"
-
 
 
 def default_model() -> str | None:
@@ -82,7 +85,9 @@ def add_model_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
 
 
-def _load(args):
+def load_model_from_args(args: argparse.Namespace):
+    """`(model, processor)` for `--model` on `--device` (`vit_registers.analysis.loading.load_model`): the one place
+    where the subcommands load a model. A missing image processor is reported as a warning line."""
     from .analysis.loading import ModelLoadError, load_model
 
     with warnings.catch_warnings(record=True) as caught:
@@ -163,7 +168,7 @@ def run_analyze(args: argparse.Namespace) -> int:
         from .analysis.images import bundled_photos
 
         args.images = bundled_photos(args.output_dir / "inputs")
-    model, processor = _load(args)
+    model, processor = load_model_from_args(args)
     config = model.config
     depth = config.num_hidden_layers
     for layer in [*args.layers, args.lost_layer]:
@@ -275,7 +280,7 @@ def run_corloc(args: argparse.Namespace) -> int:
         read_box_dataset(args.dataset, args.box_format)  # fail fast on a missing dataset, before loading the model
     except DatasetError as error:
         raise CLIError(str(error)) from None
-    model, processor = _load(args)
+    model, processor = load_model_from_args(args)
     depth = model.config.num_hidden_layers
     if not -depth <= args.lost_layer < depth:
         raise CLIError(f"--lost-layer {args.lost_layer} does not exist in this {depth}-layer model.")
@@ -335,7 +340,7 @@ def run_find_register_neurons(args: argparse.Namespace) -> int:
     if args.percentile is not None and not 0 < args.percentile < 100:
         raise CLIError(f"--percentile must be in (0, 100), got {args.percentile}.")
     percentile = 98.0 if args.threshold is None and args.percentile is None else args.percentile
-    model, processor = _load(args)
+    model, processor = load_model_from_args(args)
     depth = model.config.num_hidden_layers
     for name in ("highest_layer", "detection_layer"):
         value = getattr(args, name)
@@ -434,7 +439,9 @@ register_subcommand("corloc", "LOST CorLoc over a dataset with boxes", _corloc_a
 # -------------------------------------------------------------------------------------------------------- main
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(commands: Collection[str] | None = None) -> argparse.ArgumentParser:
+    """The `vit-registers` parser; only the subcommands in `commands` (default: all) get their arguments, the others
+    are listed with their help line."""
     from . import __version__
 
     parser = argparse.ArgumentParser(prog=PROG, description="Vision Transformers with registers: analysis tools.")
@@ -444,14 +451,26 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers.required = True
     for name, command in SUBCOMMANDS.items():
         sub = subparsers.add_parser(name, help=command.help, description=command.help)
-        command.add_arguments(sub)
+        if commands is None or name in commands:
+            command.add_arguments(sub)
         sub.set_defaults(_run=command.run, _tune_allocator=command.tune_allocator)
     return parser
 
 
+def chosen_command(argv: Sequence[str]) -> str | None:
+    """The subcommand named in `argv`: its first argument that is not an option (the options before the subcommand
+    take no value), or None when there is none or it is not a subcommand."""
+    for argument in argv:
+        if not argument.startswith("-"):
+            return argument if argument in SUBCOMMANDS else None
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `vit-registers` console script; returns the exit status."""
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = chosen_command(argv)
+    parser = build_parser(commands=[command] if command else [])
     args = parser.parse_args(argv)
     try:
         if args._tune_allocator:
