@@ -80,3 +80,16 @@ def test_other_model_types_and_missing_paths_are_refused_before_loading_weights(
         load_model(str(tmp_path), "cpu")
     with pytest.raises(ModelLoadError, match="cannot load model"):
         load_model(str(tmp_path / "nowhere"), "cpu")
+
+
+def test_loading_bar_is_off_for_local_directories_only(tmp_path):
+    from transformers.utils import logging as transformers_logging
+
+    from vit_registers.analysis.loading import without_loading_bar
+
+    assert transformers_logging.is_progress_bar_enabled()
+    with without_loading_bar(str(tmp_path)):
+        assert not transformers_logging.is_progress_bar_enabled()
+    assert transformers_logging.is_progress_bar_enabled()
+    with without_loading_bar("org/model-on-the-hub"):
+        assert transformers_logging.is_progress_bar_enabled()

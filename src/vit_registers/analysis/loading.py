@@ -36,9 +36,10 @@ def checkpoint_class(config):
 
 
 @contextlib.contextmanager
-def _no_weight_loading_bar(name_or_path: str):
-    """transformers draws a "Loading weights" bar on every `from_pretrained`; for a local directory (the embedded
-    models load in milliseconds) it is noise in the CLI's output. Downloads from the Hub keep their bars."""
+def without_loading_bar(name_or_path: str):
+    """Around a `from_pretrained(name_or_path)`: transformers draws a "Loading weights" bar on every call, noise in a
+    command's output for a local directory (the embedded models load in milliseconds). Downloads from the Hub keep
+    their bars."""
     from transformers.utils import logging
 
     if not os.path.isdir(name_or_path) or not logging.is_progress_bar_enabled():
@@ -69,7 +70,7 @@ def load_model(name_or_path: str, device: str | None = None):
             f"{name_or_path!r} is a {config.model_type!r} model; the analysis needs a vit_registers model."
         )
     try:
-        with _no_weight_loading_bar(name_or_path):
+        with without_loading_bar(name_or_path):
             model = checkpoint_class(config).from_pretrained(name_or_path, config=config)
     except Exception as error:
         raise ModelLoadError(f"cannot load model {name_or_path!r}: {_first_line(error)}") from None
