@@ -99,6 +99,9 @@ def load_model_from_args(args: argparse.Namespace):
     for warning in caught:
         if "image processor" in str(warning.message):
             _warn(str(warning.message))
+    from .onednn import apply_cpu_kernels
+
+    apply_cpu_kernels(model)  # oneDNN blocks on the CPU (vit_registers.onednn); VIT_REGISTERS_CPU_KERNELS=off: plain
     return model, processor
 
 

@@ -47,6 +47,7 @@ from .analysis.images import (  # noqa: E402
 from .analysis.loading import ModelLoadError, load_model  # noqa: E402
 from .analysis.outliers import outlier_threshold  # noqa: E402
 from .analysis.pipeline import analyze_batch, label_outliers  # noqa: E402
+from .onednn import apply_cpu_kernels  # noqa: E402
 
 DEFAULT_MAX_SIDE = 448
 MAX_PIXELS = 40_000_000  # decoded pixels accepted before downscaling (a 6000x4000 photo is 24 M)
@@ -142,9 +143,11 @@ class ModelStore:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             try:
-                return load_model(name, self.device)
+                model, processor = load_model(name, self.device)
             except ModelLoadError as error:
                 raise DemoError(str(error)) from None
+        apply_cpu_kernels(model)  # as the command line runs models (vit_registers.onednn)
+        return model, processor
 
     def _build(self, name: str, test_time_registers: bool) -> LoadedModel:
         from .interventions import disable_test_time_registers, enable_test_time_registers
