@@ -20,12 +20,16 @@ GROUP_KEYS = {"mean", "std", "min", "median", "max"}
 
 def save_tiny_model(directory, **kwargs):
     torch.manual_seed(0)
-    config = ViTRegistersConfig(image_size=56, patch_size=14, hidden_size=32, num_hidden_layers=2,
-                                num_attention_heads=4, **kwargs)
+    config = ViTRegistersConfig(
+        image_size=56, patch_size=14, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, **kwargs
+    )
     ViTRegistersModel(config).save_pretrained(directory)
     transformers.BitImageProcessor(
-        size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56}, do_center_crop=True,
-        image_mean=IMAGENET_DEFAULT_MEAN, image_std=IMAGENET_DEFAULT_STD,
+        size={"shortest_edge": 56},
+        crop_size={"height": 56, "width": 56},
+        do_center_crop=True,
+        image_mean=IMAGENET_DEFAULT_MEAN,
+        image_std=IMAGENET_DEFAULT_STD,
     ).save_pretrained(directory)
     return str(directory)
 
@@ -64,9 +68,22 @@ def check_stats_schema(stats, depth=2):
     assert set(stats) >= {"model", "outlier_rule", "threshold", "images", "errors"}
     assert isinstance(stats["threshold"], float)
     for entry in stats["images"]:
-        assert set(entry) >= {"path", "original_size", "input_size", "grid", "norms", "threshold", "num_outliers",
-                              "outlier_fraction", "first_separating_layer", "separation_ratio_per_layer",
-                              "neighbor_similarity", "attention_flow", "lost", "figures"}
+        assert set(entry) >= {
+            "path",
+            "original_size",
+            "input_size",
+            "grid",
+            "norms",
+            "threshold",
+            "num_outliers",
+            "outlier_fraction",
+            "first_separating_layer",
+            "separation_ratio_per_layer",
+            "neighbor_similarity",
+            "attention_flow",
+            "lost",
+            "figures",
+        }
         assert len(entry["norms"]) == depth + 1
         for depth_stats in entry["norms"]:
             assert depth_stats["patches"].keys() == GROUP_KEYS
@@ -83,9 +100,24 @@ def check_stats_schema(stats, depth=2):
 def test_analyze_bundled_photos_and_bad_input(tmp_path, capsys, model_dir, photos):
     out = tmp_path / "out"
     code, stdout, stderr = run_cli(
-        capsys, "analyze", photos["astronaut"], photos["text"], photos["camera"], photos["tiny"], photos["coffee"],
-        photos["chelsea"], photos["rgba"], photos["deep"], tmp_path / "missing.jpg",
-        "--model", model_dir, "--output-dir", out, "--layers", "0", "-1",
+        capsys,
+        "analyze",
+        photos["astronaut"],
+        photos["text"],
+        photos["camera"],
+        photos["tiny"],
+        photos["coffee"],
+        photos["chelsea"],
+        photos["rgba"],
+        photos["deep"],
+        tmp_path / "missing.jpg",
+        "--model",
+        model_dir,
+        "--output-dir",
+        out,
+        "--layers",
+        "0",
+        "-1",
     )
     assert code == 1  # some inputs failed, the others were processed
     assert "Traceback" not in stderr
@@ -115,11 +147,30 @@ def test_analyze_bundled_photos_and_bad_input(tmp_path, capsys, model_dir, photo
 
 
 def test_analyze_absolute_threshold_and_model_without_cls_or_registers(tmp_path, capsys, photos):
-    model_dir = save_tiny_model(tmp_path / "plain", use_cls_token=False, cls_token_has_position_embedding=False,
-                                num_register_tokens=0, pooling="mean")
+    model_dir = save_tiny_model(
+        tmp_path / "plain",
+        use_cls_token=False,
+        cls_token_has_position_embedding=False,
+        num_register_tokens=0,
+        pooling="mean",
+    )
     out = tmp_path / "out"
-    code, _, stderr = run_cli(capsys, "analyze", photos["chelsea"], photos["coffee"], "--model", model_dir,
-                              "--output-dir", out, "--threshold", "0", "--lost-features", "values", "--size", "70")
+    code, _, stderr = run_cli(
+        capsys,
+        "analyze",
+        photos["chelsea"],
+        photos["coffee"],
+        "--model",
+        model_dir,
+        "--output-dir",
+        out,
+        "--threshold",
+        "0",
+        "--lost-features",
+        "values",
+        "--size",
+        "70",
+    )
     assert code == 0, stderr
     stats = json.loads((out / "stats.json").read_text())
     check_stats_schema(stats)
@@ -137,8 +188,9 @@ def test_analyze_batches_give_the_same_numbers(tmp_path, capsys, model_dir, phot
     results = []
     for batch_size in (1, 8):
         out = tmp_path / f"b{batch_size}"
-        code, _, stderr = run_cli(capsys, "analyze", *images, "--model", model_dir, "--output-dir", out,
-                                  "--batch-size", batch_size)
+        code, _, stderr = run_cli(
+            capsys, "analyze", *images, "--model", model_dir, "--output-dir", out, "--batch-size", batch_size
+        )
         assert code == 0, stderr
         results.append(json.loads((out / "stats.json").read_text()))
     single, batched = results
@@ -150,14 +202,17 @@ def test_analyze_batches_give_the_same_numbers(tmp_path, capsys, model_dir, phot
 
 
 def test_analyze_usage_errors_are_one_line(tmp_path, capsys, model_dir, photos):
-    code, _, stderr = run_cli(capsys, "analyze", photos["coffee"], "--model", tmp_path / "nowhere",
-                              "--output-dir", tmp_path / "o")
+    code, _, stderr = run_cli(
+        capsys, "analyze", photos["coffee"], "--model", tmp_path / "nowhere", "--output-dir", tmp_path / "o"
+    )
     assert code == 1 and stderr.startswith("vit-registers: error: cannot load model") and stderr.count("\n") == 1
-    code, _, stderr = run_cli(capsys, "analyze", photos["coffee"], "--model", model_dir, "--output-dir",
-                              tmp_path / "o", "--layers", "5")
+    code, _, stderr = run_cli(
+        capsys, "analyze", photos["coffee"], "--model", model_dir, "--output-dir", tmp_path / "o", "--layers", "5"
+    )
     assert code == 1 and "layer 5 does not exist" in stderr and "Traceback" not in stderr
-    code, _, stderr = run_cli(capsys, "analyze", photos["coffee"], "--model", model_dir, "--output-dir",
-                              tmp_path / "o", "--rule", "absolute")
+    code, _, stderr = run_cli(
+        capsys, "analyze", photos["coffee"], "--model", model_dir, "--output-dir", tmp_path / "o", "--rule", "absolute"
+    )
     assert code == 1 and "--rule absolute needs --threshold" in stderr
     code, _, stderr = run_cli(capsys, "analyze", photos["text"], "--model", model_dir, "--output-dir", tmp_path / "o")
     assert code == 1 and "not an image file" in stderr
@@ -177,7 +232,10 @@ def test_analyze_defaults_to_the_embedded_model_and_bundled_photos(tmp_path, cap
     stats = json.loads((tmp_path / "demo" / "stats.json").read_text())
     assert stats["model"] == cli.DEFAULT_MODEL
     assert [Path(image["path"]).name for image in stats["images"]] == [
-        "astronaut.png", "coffee.png", "chelsea.png", "rocket.png"
+        "astronaut.png",
+        "coffee.png",
+        "chelsea.png",
+        "rocket.png",
     ]
 
 
@@ -195,8 +253,9 @@ def test_corloc_command(tmp_path, capsys, model_dir, photos):
     rows.append({"file_name": "notes.jpg", "objects": {"bbox": [[0, 0, 5, 5]]}})
     (dataset / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     output = tmp_path / "corloc.json"
-    code, stdout, stderr = run_cli(capsys, "corloc", "--model", model_dir, "--dataset", dataset, "--batch-size", "2",
-                                   "--output", output, "--quiet")
+    code, stdout, stderr = run_cli(
+        capsys, "corloc", "--model", model_dir, "--dataset", dataset, "--batch-size", "2", "--output", output, "--quiet"
+    )
     assert code == 0, stderr
     result = json.loads(output.read_text())
     assert result["num_images"] == 4 and result["num_skipped"] == 2
@@ -254,9 +313,19 @@ def test_console_script_runs_without_traceback(tmp_path, model_dir, photos):
     script = Path(sys.executable).with_name("vit-registers")
     command = [str(script)] if script.exists() else [sys.executable, "-m", "vit_registers.cli"]
     done = subprocess.run(
-        [*command, "analyze", photos["coffee"], photos["text"], "--model", model_dir, "--output-dir",
-         str(tmp_path / "o")],
-        capture_output=True, text=True, timeout=300,
+        [
+            *command,
+            "analyze",
+            photos["coffee"],
+            photos["text"],
+            "--model",
+            model_dir,
+            "--output-dir",
+            str(tmp_path / "o"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 1
     assert "Traceback" not in done.stderr and "notes.png: not an image file" in done.stderr
@@ -271,8 +340,9 @@ def test_readme_command_prints_only_its_own_result(tmp_path, photos):
     script = Path(sys.executable).with_name("vit-registers")
     command = [str(script)] if script.exists() else [sys.executable, "-m", "vit_registers.cli"]
     out = tmp_path / "demo"
-    done = subprocess.run([*command, "analyze", photos["coffee"], "--output-dir", str(out)],
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [*command, "analyze", photos["coffee"], "--output-dir", str(out)], capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr
     printed = done.stdout + done.stderr
     assert "UNEXPECTED" not in printed and "Falling back to pil backend" not in printed

@@ -9,8 +9,18 @@ import textwrap
 
 import pytest
 
-NEVER_AT_START = ["gradio", "datasets", "evaluate", "sklearn", "timm", "skimage", "pandas", "pyarrow",
-                  "vit_registers.study", "vit_registers.training"]
+NEVER_AT_START = [
+    "gradio",
+    "datasets",
+    "evaluate",
+    "sklearn",
+    "timm",
+    "skimage",
+    "pandas",
+    "pyarrow",
+    "vit_registers.study",
+    "vit_registers.training",
+]
 FOR_ANALYSIS = ["matplotlib", "vit_registers.space", "vit_registers.analysis.figures"]
 
 STEPS = textwrap.dedent(
@@ -48,8 +58,12 @@ STEPS = textwrap.dedent(
 
 @pytest.mark.slow  # a fresh interpreter imports torch + transformers: ~10-25 s on 2 busy cores
 def test_cli_start_imports_only_what_the_subcommand_uses(tmp_path):
-    done = subprocess.run([sys.executable, "-c", STEPS, json.dumps(NEVER_AT_START + FOR_ANALYSIS), str(tmp_path)],
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", STEPS, json.dumps(NEVER_AT_START + FOR_ANALYSIS), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     loaded = json.loads(done.stdout.splitlines()[-1])
     assert loaded["auto_config"] == "ViTRegistersConfig"  # importing the package still registers the Auto classes

@@ -29,7 +29,7 @@ from .images import (
     to_rgb,
 )
 from .loading import ModelLoadError, default_device, load_model
-from .lost import LostResult, box_iou, capture_qkv, corloc, connected_component, lost, lost_boxes, lost_features
+from .lost import LostResult, box_iou, capture_qkv, connected_component, corloc, lost, lost_boxes, lost_features
 from .neighbors import input_patch_embeddings, neighbor_similarity, similarity_by_label
 from .norms import group_norms, layer_norms, norm_stats_per_layer, patch_norm_map, token_norms
 from .outliers import (

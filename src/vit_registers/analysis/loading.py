@@ -27,8 +27,10 @@ def checkpoint_class(config):
     classifier checkpoint would report the head weights as unexpected."""
     from ..modeling_vit_registers import ViTRegistersBackbone, ViTRegistersForImageClassification, ViTRegistersModel
 
-    classes = {model_class.__name__: model_class
-               for model_class in (ViTRegistersModel, ViTRegistersForImageClassification, ViTRegistersBackbone)}
+    classes = {
+        model_class.__name__: model_class
+        for model_class in (ViTRegistersModel, ViTRegistersForImageClassification, ViTRegistersBackbone)
+    }
     for name in getattr(config, "architectures", None) or ():
         if name in classes:
             return classes[name]
