@@ -134,6 +134,23 @@ def markdown_table(studies: list[ModelStudy]) -> str:
     return "\n".join(lines)
 
 
+def _below(path: str | os.PathLike, base: Path) -> str:
+    """`path` relative to `base` when it lies below it, else as given."""
+    try:
+        return Path(path).resolve().relative_to(base.resolve()).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def portable_record(study: ModelStudy, output_dir: Path) -> dict:
+    """`study` for study.json without the paths of the machine that ran it: figures relative to `output_dir`, the
+    model relative to the working directory when it lies below it (as the commands were given)."""
+    record = asdict(study)
+    record["path"] = _below(study.path, Path.cwd())
+    record["figures"] = [_below(figure, output_dir) for figure in study.figures]
+    return record
+
+
 def run_study(
     models: list[str],
     dataset: str | os.PathLike,
@@ -148,7 +165,8 @@ def run_study(
     ]
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "study.json").write_text(json.dumps([asdict(study) for study in studies], indent=2))
+    records = [portable_record(study, output_dir) for study in studies]
+    (output_dir / "study.json").write_text(json.dumps(records, indent=2))
     (output_dir / "study.md").write_text(markdown_table(studies) + "\n")
     return studies
 
