@@ -496,7 +496,8 @@ def kernelize(model: nn.Module, enable: bool = True) -> int:
     """Bind `OneDNNViTRegistersLayer.forward` to every `ViTRegistersLayer` of `model` (`enable=False`: back to the
     reference forward). Returns the number of blocks changed. The kernel decides per call whether it applies, so a
     kernelized model can still move to another device or dtype, take hooks or be exported: it then runs the
-    reference forward."""
+    reference forward. As with the `kernels` package, the bound forward refers back to its block (a reference
+    cycle): a kernelized model is freed by Python's cyclic garbage collector, not the moment its last name goes."""
     blocks = _blocks(model)
     for block in blocks:
         if enable:
