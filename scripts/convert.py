@@ -2,7 +2,8 @@
 """Convert an official DINOv2, timm or transformers checkpoint to vit_registers, verify it, write it, publish it.
 
     python scripts/convert.py --source {dinov2,timm,transformers} --checkpoint PATH [--arch NAME] \
-        --output-dir DIR [--push-to-hub ORG/NAME] [--private] [--dtype {float32,float16,bfloat16}]
+        --output-dir DIR [--push-to-hub ORG/NAME] [--private] [--dtype {float32,float16,bfloat16}] \
+        [--interpolation {source,official}]
 
 A thin front over `vit_registers.conversion.publish.convert_and_publish`: every output token is compared with the
 source library's own model at two resolutions (fp32, max abs diff <= 1e-4) before anything is written or pushed.
@@ -31,6 +32,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="float32",
         choices=["float32", "float16", "bfloat16"],
         help="dtype of the saved weights (verification always runs in float32)",
+    )
+    parser.add_argument(
+        "--interpolation",
+        default="source",
+        choices=["source", "official"],
+        help="position-embedding resampling away from the stored grid: as the source library's model (default) or "
+        "the official DINOv2 formula (DINOv2 weights; differs for transformers' Dinov2Model: offset 0.1, not 0)",
     )
     return parser
 
@@ -61,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
             push_to_hub=args.push_to_hub,
             private=args.private,
             dtype=args.dtype,
+            interpolation=args.interpolation,
         )
     except KeyboardInterrupt:
         print("error: interrupted; nothing was written", file=sys.stderr)

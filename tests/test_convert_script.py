@@ -289,6 +289,53 @@ def test_transformers_family_converts_and_verifies(tmp_path, registers):
     assert processor["size"] == {"shortest_edge": 64}  # copied from the source directory
 
 
+def _script_main(*argv: str) -> int:
+    """`scripts/convert.py`'s `main` in this process (no interpreter start-up)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("convert_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main(list(argv))
+
+
+def test_the_output_and_the_card_say_which_resampling_and_convert_offers_the_official_one(tmp_path, capsys):
+    """transformers' `Dinov2Model` resamples with offset 0, official DINOv2 with 0.1: the default keeps the source's,
+    `--interpolation official` the official formula (checked against it in test_parity); both are named."""
+    checkpoint = transformers_checkpoint(tmp_path, registers=False)
+    assert (
+        _script_main("--source", "transformers", "--checkpoint", str(checkpoint), "--output-dir", str(tmp_path / "a"))
+        == 0
+    )
+    printed = capsys.readouterr().out
+    assert "as transformers' `Dinov2Model` does, not with the official DINOv2 formula" in printed
+    assert "`--interpolation official` converts with that one" in printed
+    card = (tmp_path / "a" / "README.md").read_text()
+    assert (
+        "embeddings are resampled away from the stored 4×4 patch grid with bicubic, no antialias, offset 0, as "
+        "transformers' `Dinov2Model` does" in " ".join(card.split())
+    )
+    config = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert (config["interpolate_antialias"], config["interpolate_offset"]) == (False, 0.0)
+
+    argv = ["--source", "transformers", "--checkpoint", str(checkpoint), "--output-dir", str(tmp_path / "b")]
+    assert _script_main(*argv, "--interpolation", "official") == 0
+    printed = capsys.readouterr().out
+    assert "offset 0.1: the official DINOv2 formula for models without registers, not transformers'" in printed
+    assert "interpolate_antialias=False, interpolate_offset=0.0" in printed  # how the resized row was verified
+    card = " ".join((tmp_path / "b" / "README.md").read_text().split())
+    assert "the official DINOv2 formula for models without registers" in card and "`interpolate_offset`" in card
+    config = json.loads((tmp_path / "b" / "config.json").read_text())
+    assert (config["interpolate_antialias"], config["interpolate_offset"]) == (False, 0.1)
+
+    with_registers = transformers_checkpoint(tmp_path, registers=True)
+    result = convert_and_publish(
+        "transformers", with_registers, output_dir=tmp_path / "c", interpolation="official", progress=False, log=print
+    )
+    assert result.report.passed and not any(row.note for row in result.report.rows)  # official = transformers here
+    assert "the official DINOv2 formula for models with registers, which transformers'" in capsys.readouterr().out
+
+
 def test_verify_measures_every_token_group():
     model = tiny_model()
     reference = tiny_model()

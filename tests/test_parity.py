@@ -208,6 +208,57 @@ def test_transformers_parity(with_registers, swiglu, legacy, tmp_path):
         assert_tokens_close(model_tokens(model, pixels), reference_tokens(reference, pixels))
 
 
+def _at_grid(model, grid: tuple[int, int], position_embeddings: torch.Tensor):
+    """The same weights in a model whose stored grid is `grid`, holding `position_embeddings`: it never resamples."""
+    from vit_registers import ViTRegistersConfig, ViTRegistersModel
+
+    values = model.config.to_dict()
+    values["image_size"] = [grid[0] * model.config.patch_size, grid[1] * model.config.patch_size]
+    fixed = ViTRegistersModel(ViTRegistersConfig(**values))
+    state = dict(model.state_dict())
+    state["embeddings.position_embeddings"] = position_embeddings
+    fixed.load_state_dict(state)
+    return fixed.eval()
+
+
+@pytest.mark.parametrize("with_registers", [False, True], ids=["dinov2", "with_registers"])
+def test_transformers_conversion_with_official_interpolation_follows_the_official_formula(with_registers, tmp_path):
+    """`interpolation="official"`: every token at other sizes equals a model fed the official DINOv2 resampling
+    (offset 0.1 without registers); "source" (the default) equals transformers' formula (offset 0) instead."""
+    reference = _hf_model(with_registers, swiglu=False)
+    reference.save_pretrained(tmp_path)
+    source = convert("transformers", tmp_path)
+    official = convert("transformers", tmp_path, interpolation="official")
+    expected = (True, 0.0) if with_registers else (False, 0.1)
+    assert (official.config.interpolate_antialias, official.config.interpolate_offset) == expected
+    assert (source.config.interpolate_antialias, source.config.interpolate_offset) == (with_registers, 0.0)
+    stored = source.embeddings.position_embeddings.detach()
+    torch.manual_seed(2)
+    for height, width in [(6, 6), (3, 5)]:
+        pixels = torch.randn(2, 3, 14 * height, 14 * width)
+        for model, offset in ((official, expected[1]), (source, 0.0)):
+            resampled = official_patch_positions(stored, height, width, offset, antialias=with_registers)
+            assert_tokens_close(
+                model_tokens(model, pixels), model_tokens(_at_grid(model, (height, width), resampled), pixels)
+            )
+        assert_tokens_close(model_tokens(source, pixels), reference_tokens(reference, pixels))  # source = transformers
+        difference = (model_tokens(official, pixels)["patches"] - model_tokens(source, pixels)["patches"]).abs().max()
+        assert (difference > 1e-3) == (not with_registers)  # without registers the two formulas differ
+    pixels = torch.randn(1, 3, 56, 56)  # at the stored grid nothing is resampled
+    assert_tokens_close(model_tokens(official, pixels), reference_tokens(reference, pixels))
+
+
+def test_official_interpolation_is_refused_for_weights_that_are_not_dinov2():
+    reference = redraw_(timm.create_model("deit3_small_patch16_224", pretrained=False, img_size=64, **SMALL))
+    with pytest.raises(ValueError, match="DINOv2 weights only"):
+        convert("timm", reference.state_dict(), arch="deit3_small_patch16_224", interpolation="official")
+    timm_dinov2 = redraw_(timm.create_model("vit_small_patch14_dinov2", pretrained=False, img_size=56, **SMALL))
+    model = convert("timm", timm_dinov2.state_dict(), arch="vit_small_patch14_dinov2", interpolation="official")
+    assert (model.config.interpolate_antialias, model.config.interpolate_offset) == (False, 0.1)
+    with pytest.raises(ValueError, match="interpolation"):
+        convert("transformers", {}, interpolation="bilinear")
+
+
 def test_transformers_head_checkpoint_prefix_is_stripped(tmp_path):
     config = transformers.Dinov2WithRegistersConfig(
         hidden_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=56, patch_size=14, num_labels=3

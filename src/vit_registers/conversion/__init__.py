@@ -30,6 +30,7 @@ from ..modeling_vit_registers import ViTRegistersModel
 from .mappings import IGNORED, PREFIXES, RESHAPED, RULES
 
 SOURCES = tuple(RULES)
+INTERPOLATIONS = ("source", "official")
 
 
 class ConversionError(ValueError):
@@ -45,15 +46,23 @@ OFFICIAL_DINOV2 = {
     "dinov2_vitg14": dict(hidden_size=1536, num_hidden_layers=40, num_attention_heads=24, mlp_type="swiglu"),
 }
 OFFICIAL_DINOV2.update({f"{name}_reg": dict(spec) for name, spec in list(OFFICIAL_DINOV2.items())})
+
+
+def official_interpolation(num_register_tokens: int) -> dict[str, Any]:
+    """How the official DINOv2 models resample position embeddings (`hubconf.py`): with registers antialiased and
+    without offset, without registers not antialiased and with DINO's offset 0.1 (`scale_factor = (n + 0.1) / M`)."""
+    registers = num_register_tokens > 0
+    return dict(interpolate_antialias=registers, interpolate_offset=0.0 if registers else 0.1)
+
+
 for _name, _spec in OFFICIAL_DINOV2.items():
-    _registers = _name.endswith("_reg")
+    _registers = 4 if _name.endswith("_reg") else 0
     _spec.update(
         patch_size=14,
         image_size=518,
         layerscale_value=1e-5,
-        num_register_tokens=4 if _registers else 0,
-        interpolate_antialias=_registers,
-        interpolate_offset=0.0 if _registers else 0.1,
+        num_register_tokens=_registers,
+        **official_interpolation(_registers),
     )
 
 
@@ -206,7 +215,7 @@ def infer_config(source: str, renamed: Mapping[str, torch.Tensor], arch: str | N
                 raise ConversionError(f"Unknown DINOv2 architecture {arch!r}; known: {', '.join(OFFICIAL_DINOV2)}")
             spec.update(OFFICIAL_DINOV2[arch])
         else:  # the official no-register models resample without antialias and with DINO's 0.1 offset
-            spec.update(interpolate_antialias=registers > 0, interpolate_offset=0.0 if registers else 0.1)
+            spec.update(official_interpolation(registers))
     elif source == "timm" and arch is not None:
         spec.update(_timm_registry_hints(arch, hidden))
     spec.update(overrides)
@@ -267,15 +276,35 @@ def convert(
     source: str,
     checkpoint: str | os.PathLike | Mapping[str, torch.Tensor],
     arch: str | None = None,
+    interpolation: str = "source",
     **config_overrides: Any,
 ) -> ViTRegistersModel:
-    """A `ViTRegistersModel` holding the weights of `checkpoint` (see the module docstring)."""
+    """A `ViTRegistersModel` holding the weights of `checkpoint` (see the module docstring).
+
+    `interpolation` chooses how position embeddings are resampled away from the stored grid: ``"source"`` as the
+    source library's model does (what verification compares at every size), ``"official"`` with the official DINOv2
+    formula (`official_interpolation`; DINOv2 weights only). They differ for transformers' `Dinov2Model` (offset 0,
+    not 0.1) and timm's DINOv2 models without registers (antialias, offset 0); `interpolation_summary` says which.
+    """
     _check_source(source)
+    if interpolation not in INTERPOLATIONS:
+        raise ConversionError(f"Unknown interpolation {interpolation!r}; choose one of {', '.join(INTERPOLATIONS)}.")
+    if interpolation == "official":
+        if not is_dinov2(source, checkpoint, arch):
+            raise ConversionError(
+                "interpolation 'official' is the official DINOv2 formula: it applies to DINOv2 weights only "
+                f"(source {source!r}, arch {arch!r})."
+            )
+        if {"interpolate_antialias", "interpolate_offset"} & set(config_overrides):
+            raise ConversionError("Give interpolation='official' or interpolate_* overrides, not both.")
     if source == "transformers" and not isinstance(checkpoint, Mapping) and Path(checkpoint).is_dir():
         if (Path(checkpoint) / "config.json").exists():
             config_overrides = {**_transformers_config_hints(Path(checkpoint)), **config_overrides}
     renamed = rename_state_dict(source, load_state_dict(checkpoint))
     config = infer_config(source, renamed, arch, **config_overrides)
+    if interpolation == "official":
+        for key, value in official_interpolation(config.num_register_tokens).items():
+            setattr(config, key, value)
     if config.layerscale_value is not None and "encoder.layer.0.layer_scale1.gamma" not in renamed:
         raise ConversionError("The configuration asks for LayerScale but the checkpoint has none.")
     with torch.device("meta"):  # no random init: the checkpoint's tensors become the parameters (peak ≈ 1× weights)
@@ -358,15 +387,96 @@ def build_reference(
     return reference.eval()
 
 
-def reference_interpolation(source: str, config: ViTRegistersConfig) -> dict[str, Any]:
+def is_dinov2(source: str, checkpoint: Any = None, arch: str | None = None) -> bool:
+    """Whether the weights are DINOv2's, so that the official DINOv2 resampling applies: official checkpoints,
+    transformers Dinov2 / Dinov2WithRegisters directories, timm `*_dinov2` models."""
+    if source in ("dinov2", "transformers"):
+        return True
+    return source == "timm" and arch is not None and "dinov2" in arch
+
+
+def _transformers_model_type(checkpoint: Any) -> str | None:
+    if isinstance(checkpoint, Mapping) or checkpoint is None:
+        return None
+    path = Path(checkpoint) / "config.json"
+    return json.loads(path.read_text()).get("model_type") if path.is_file() else None
+
+
+def source_interpolation(source: str, config: ViTRegistersConfig, checkpoint: Any = None) -> dict[str, Any]:
+    """How the source library's own model resamples position embeddings (`interpolation="source"`)."""
+    if source == "dinov2":
+        return official_interpolation(config.num_register_tokens)
+    if source == "transformers":  # Dinov2Model without antialias, Dinov2WithRegistersModel with; neither an offset
+        model_type = _transformers_model_type(checkpoint)
+        registers = model_type == "dinov2_with_registers" if model_type else config.num_register_tokens > 0
+        return dict(interpolate_antialias=registers, interpolate_offset=0.0)
+    return dict(interpolate_antialias=True, interpolate_offset=0.0)  # timm's resample_abs_pos_embed
+
+
+def _source_model_name(source: str, config: ViTRegistersConfig, checkpoint: Any = None) -> str:
+    if source == "dinov2":
+        return "the official DINOv2 model"
+    if source == "transformers":
+        model_type = _transformers_model_type(checkpoint)
+        with_registers = model_type == "dinov2_with_registers" if model_type else config.num_register_tokens > 0
+        return f"transformers' `{'Dinov2WithRegistersModel' if with_registers else 'Dinov2Model'}`"
+    return "timm"
+
+
+def _settings_text(settings: Mapping[str, Any]) -> str:
+    antialias = "antialias" if settings["interpolate_antialias"] else "no antialias"
+    return f"bicubic, {antialias}, offset {settings['interpolate_offset']:g}"
+
+
+def interpolation_summary(
+    source: str, config: ViTRegistersConfig, checkpoint: Any = None, arch: str | None = None
+) -> str:
+    """One sentence for the converter's output and the model card: how the converted model resamples position
+    embeddings away from its stored grid, whose formula that is, and how to get the other one."""
+    ours = {key: getattr(config, key) for key in ("interpolate_antialias", "interpolate_offset")}
+    theirs = source_interpolation(source, config, checkpoint)
+    name = _source_model_name(source, config, checkpoint)
+    rows, columns = config.image_grid
+    text = f"resampled away from the stored {rows}×{columns} patch grid with {_settings_text(ours)}"
+    if not is_dinov2(source, checkpoint, arch):
+        same = "as" if ours == theirs else "unlike"
+        return f"{text}, {same} {name} resamples them"
+    kind = "with" if config.num_register_tokens else "without"
+    official = official_interpolation(config.num_register_tokens)
+    if ours == official == theirs:
+        also = "" if source == "dinov2" else f", which {name} uses too"
+        return f"{text}: the official DINOv2 formula for models {kind} registers{also}"
+    if ours == official:
+        return (
+            f"{text}: the official DINOv2 formula for models {kind} registers, not {name}'s "
+            f"({_settings_text(theirs)}; `--interpolation source` converts with that one)"
+        )
+    if ours == theirs:
+        return (
+            f"{text}, as {name} does, not with the official DINOv2 formula for models {kind} registers "
+            f"({_settings_text(official)}; `--interpolation official` converts with that one)"
+        )
+    return f"{text}, set by hand (`interpolate_antialias`, `interpolate_offset` in config.json)"
+
+
+def reference_interpolation(
+    source: str, config: ViTRegistersConfig, reference: torch.nn.Module | None = None
+) -> dict[str, Any]:
     """Interpolation settings under which `build_reference`'s model resamples like ours (empty when it already does).
 
-    Only the official DINOv2 models without registers need it: timm has no 0.1 offset. Verification then checks the
-    weights at other sizes with these settings; the offset formula itself is tested against the official one.
+    The official DINOv2 models without registers need it (timm, their reference, has no 0.1 offset), and so does a
+    model converted with `interpolation="official"` whose source resamples otherwise. Verification then checks the
+    weights at other sizes with these settings; the official formula itself is tested against the official code.
     """
-    if source == "dinov2" and (config.interpolate_offset or not config.interpolate_antialias):
-        return dict(interpolate_antialias=True, interpolate_offset=0.0)
-    return {}
+    if source == "transformers":
+        model_type = getattr(getattr(reference, "config", None), "model_type", None)
+        antialias = model_type == "dinov2_with_registers" if model_type else config.num_register_tokens > 0
+        settings = dict(interpolate_antialias=antialias, interpolate_offset=0.0)
+    else:  # timm, also the reference of official checkpoints
+        settings = dict(interpolate_antialias=True, interpolate_offset=0.0)
+    if all(getattr(config, key) == value for key, value in settings.items()):
+        return {}
+    return settings
 
 
 @torch.no_grad()
@@ -395,7 +505,12 @@ def model_tokens(model: ViTRegistersModel, pixel_values: torch.Tensor) -> dict[s
 
 __all__ = [
     "SOURCES",
+    "INTERPOLATIONS",
     "OFFICIAL_DINOV2",
+    "official_interpolation",
+    "source_interpolation",
+    "interpolation_summary",
+    "is_dinov2",
     "ConversionError",
     "convert",
     "build_reference",

@@ -27,7 +27,15 @@ import torch
 
 from ..configuration_vit_registers import ViTRegistersConfig
 from ..modeling_vit_registers import ViTRegistersModel
-from . import ConversionError, build_reference, convert, model_tokens, reference_interpolation, reference_tokens
+from . import (
+    ConversionError,
+    build_reference,
+    convert,
+    interpolation_summary,
+    model_tokens,
+    reference_interpolation,
+    reference_tokens,
+)
 
 DEFAULT_TOLERANCE = 1e-4
 TOKEN_GROUPS = ("cls", "registers", "patches")
@@ -194,7 +202,7 @@ def verify(
     native = (config.image_grid[0] * config.patch_size, config.image_grid[1] * config.patch_size)
     rows, problems = [], []
     for height, width in tqdm(resolutions, desc="verifying", unit="size", disable=not progress):
-        overrides = reference_interpolation(source, config) if source and (height, width) != native else {}
+        overrides = reference_interpolation(source, config, reference) if source and (height, width) != native else {}
         note = ", ".join(f"{k}={v}" for k, v in overrides.items())
         pixel_values = fixed_inputs(config, (height, width), batch_size, seed)
         with _config_overrides(config, overrides):
@@ -307,6 +315,7 @@ def build_model_card(
     license: str = "apache-2.0",
     dtype: str = "float32",
     preprocessing: str = "",
+    interpolation: str = "",
     template_path: str | os.PathLike = TEMPLATE_PATH,
 ):
     """A `huggingface_hub.ModelCard` from `model_cards/vit_registers.md`, with the parity table `report` measured."""
@@ -353,6 +362,7 @@ def build_model_card(
         hidden_size=config.hidden_size,
         architecture=architecture,
         preprocessing=preprocessing or "see preprocessor_config.json",
+        interpolation=interpolation or interpolation_summary(source, config, arch=arch),
         package_version=__version__,
         torch_version=torch.__version__,
         transformers_version=transformers.__version__,
@@ -478,6 +488,7 @@ def convert_and_publish(
     push_to_hub: str | None = None,
     private: bool = False,
     dtype: str = "float32",
+    interpolation: str = "source",
     tolerance: float = DEFAULT_TOLERANCE,
     resolutions: Sequence[tuple[int, int]] | None = None,
     max_shard_size: str | int = "5GB",
@@ -488,7 +499,8 @@ def convert_and_publish(
     log: Callable[[str], None] = print,
 ) -> PublishResult:
     """Convert → verify against the reference → write atomically → push. Raises `ConversionError` (or `ParityError`)
-    before writing anything when any step fails."""
+    before writing anything when any step fails. `interpolation` ("source" or "official") is `convert`'s: which
+    resampling of the position embeddings the converted model follows; the log and the card say which."""
     from tqdm.auto import tqdm
 
     if dtype not in DTYPES:
@@ -499,7 +511,7 @@ def convert_and_publish(
     steps = tqdm(total=3, desc="converting", unit="step", disable=not progress)
     with steps:
         steps.set_description("loading")
-        model = convert(source, checkpoint, arch=arch)
+        model = convert(source, checkpoint, arch=arch, interpolation=interpolation)
         steps.update()
         steps.set_description("building reference")
         reference = build_reference(source, checkpoint, arch=arch)
@@ -509,6 +521,8 @@ def convert_and_publish(
             model, reference, source=source, resolutions=resolutions, tolerance=tolerance, progress=progress
         )
         steps.update()
+    resampling = interpolation_summary(source, model.config, checkpoint, arch)
+    log(f"position embeddings {resampling}.")
     log(f"parity vs {report.reference_name} (max abs diff, tolerance {tolerance:g}):")
     for line in report.lines():
         log("  " + line)
@@ -529,6 +543,7 @@ def convert_and_publish(
         license=license,
         dtype=dtype,
         preprocessing=preprocessing,
+        interpolation=resampling,
     )
     del reference
     target = write_output(output_dir, model, processor, card, dtype=dtype, max_shard_size=max_shard_size)
