@@ -5,6 +5,8 @@ A tiny config (image 28, patch 14, hidden 32, 2 layers) keeps every test in mill
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -300,3 +302,21 @@ def test_hub_code_files_use_only_public_torch_apis():
                     assert "ops" not in chain and not any(part.startswith("_") for part in chain), (name, chain)
         lines = len(source.splitlines())
         assert name != "modeling_vit_registers.py" or lines < 720, f"the model file grew to {lines} lines"
+
+
+def test_saved_weights_get_the_mode_of_any_new_file(tmp_path):
+    """safetensors writes a temporary file (0600) and renames it; `save_pretrained` gives the weights the mode of
+    `config.json` (0644 under umask 022), sharded or not. Every writer of a model goes through it: `scripts/convert.py`,
+    `scripts/finetune.py` and `Trainer.save_model` (their tests check the mode too), `find-register-neurons`."""
+    umask = os.umask(0o022)
+    try:
+        tiny_model(ViTRegistersForImageClassification).save_pretrained(tmp_path / "single")
+        tiny_model().save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    finally:
+        os.umask(umask)
+    assert len(list((tmp_path / "sharded").glob("model-*.safetensors"))) > 1
+    for folder in ("single", "sharded"):
+        written = [*(tmp_path / folder).glob("*.safetensors"), tmp_path / folder / "config.json"]
+        assert len(written) >= 2
+        for path in written:
+            assert path.stat().st_mode & 0o777 == 0o644, path

@@ -5,6 +5,8 @@ Data: crops of scikit-image photos written as an image folder, loaded with `data
 
 from __future__ import annotations
 
+import os
+
 import datasets
 import numpy as np
 import pytest
@@ -174,3 +176,29 @@ def test_trainer_push_to_hub_over_http(tmp_path, hub_server, monkeypatch):
     pixels = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(pushed(pixels).logits, trainer.model.eval()(pixels).logits)
+
+
+def test_trainer_logs_the_peak_learning_rate_under_layer_decay(tmp_path):
+    """`create_optimizer` puts the head's group first: Trainer logs `get_last_lr()[0]`, so it reports the peak
+    (5e-5), not the embeddings' 5e-5 × 0.75^(L + 1)."""
+    from transformers import Trainer
+
+    from vit_registers.training import create_optimizer
+
+    train, _ = _load(tmp_path, classes=("astronaut", "coffee"))
+    model, processor = _model_and_processor(_pretrained_dir(tmp_path), train)
+    train.set_transform(hf_transform(processor, train=False))
+    optimizer = create_optimizer(model, 5e-5, weight_decay=0.05, layer_decay=0.75)
+    assert optimizer.param_groups[0]["lr"] == max(group["lr"] for group in optimizer.param_groups) == 5e-5
+    assert min(group["lr"] for group in optimizer.param_groups) == pytest.approx(5e-5 * 0.75**3)
+    args = _args(tmp_path, max_steps=2, lr_scheduler_type="constant")
+    trainer = Trainer(model=model, args=args, train_dataset=train, data_collator=collate, optimizers=(optimizer, None))
+    trainer.train()
+    logged = [entry["learning_rate"] for entry in trainer.state.log_history if "learning_rate" in entry]
+    assert logged == [pytest.approx(5e-5)] * 2
+    umask = os.umask(0o022)
+    try:
+        trainer.save_model(str(tmp_path / "final"))
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "final" / "model.safetensors").stat().st_mode & 0o777 == 0o644  # not safetensors' 0600

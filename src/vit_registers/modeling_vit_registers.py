@@ -17,6 +17,7 @@ Device-specific speed-ups live outside it: the block is marked for transformers'
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -471,6 +472,13 @@ class ViTRegistersPooler(nn.Module):
         return f"pooling={self.pooling!r}"
 
 
+def _new_file_mode() -> int:
+    """The permission bits `open()` gives a new file: 0o666 minus the process umask."""
+    umask = os.umask(0o077)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 class ViTRegistersPreTrainedModel(PreTrainedModel):
     config_class = ViTRegistersConfig
     config: ViTRegistersConfig
@@ -488,6 +496,18 @@ class ViTRegistersPreTrainedModel(PreTrainedModel):
     def __init__(self, config: ViTRegistersConfig, *inputs, **kwargs):
         config.check_consistency()  # the relations between fields, which transformers configs accept at creation
         super().__init__(config, *inputs, **kwargs)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """`PreTrainedModel.save_pretrained`, then the weight files get the mode `open()` gives any new file (0644
+        under the usual umask 022), like `config.json` next to them: safetensors >= 0.8 writes a temporary file
+        (created 0600) and renames it into place, so the weights would otherwise be readable by their owner only."""
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True) and os.path.isdir(save_directory):
+            mode = _new_file_mode()
+            for name in os.listdir(save_directory):
+                if name.startswith("model") and name.endswith(".safetensors"):  # model[-0000k-of-0000n].safetensors
+                    os.chmod(os.path.join(save_directory, name), mode)
+        return result
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
