@@ -737,3 +737,98 @@ def test_transformers_dinov2_checkpoint_is_converted_then_finetuned(tmp_path, ca
     torch.testing.assert_close(saved.embeddings.register_tokens, converted.embeddings.register_tokens)
     model = AutoModelForImageClassification.from_pretrained(out)
     assert model.config.model_type == "vit_registers" and model.config.num_register_tokens == 2
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Image size, linear-probe defaults, logged learning rate, file modes (issue 24)
+
+
+def _run_inprocess_with_output(argv, capsys):
+    """`_run_inprocess`, also returning what the script printed to stdout."""
+    _reset_accelerate()
+    try:
+        code = _script_module().main([str(a) for a in argv])
+    finally:
+        _reset_accelerate()
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_image_size_peak_learning_rate_and_validation_are_shown_and_files_are_0644(tmp_path, capsys):
+    """`--image-size` sets what training and validation see (printed at the start, in the log, the card and the saved
+    processor); the logged learning rate is the peak under layer decay; validation has a progress bar; weights,
+    checkpoints included, are written 0644 like the other files (safetensors alone would give 0600)."""
+    train = make_image_folder(tmp_path / "train", classes=CLASSES[:2], per_class=4, size=40, seed=0)
+    val = make_image_folder(tmp_path / "val", classes=CLASSES[:2], per_class=2, size=40, seed=1)
+    out = tmp_path / "out"
+    argv = ["--model", "config:tiny", "--train-dir", train, "--validation-dir", val, "--output-dir", out]
+    argv += ["--max-steps", 2, "--per-device-batch-size", 4, "--learning-rate", 1e-3, "--layer-decay", 0.5]
+    umask = os.umask(0o022)
+    try:
+        code, printed, err = _run_inprocess_with_output([*argv, "--image-size", 48, "--checkpointing-steps", 1], capsys)
+    finally:
+        os.umask(umask)
+    assert code == 0, err
+    log = json.loads((out / "training_log.json").read_text())
+    assert log["image_size"] == [48, 48] and log["optimizer"] == "AdamW" and log["layer_decay"] == 0.5
+    assert log["learning_rates"] == [[1, pytest.approx(1e-3)], [2, pytest.approx(5e-4)]]  # cosine, 2 steps
+    assert "48×48 px in training and validation" in printed
+    assert "peak learning rate 0.001, layer decay 0.5 (embeddings at 0.000125)" in printed
+    assert "validation" in err  # the progress bar (tqdm writes to stderr)
+    processor = json.loads((out / "preprocessor_config.json").read_text())
+    assert processor["crop_size"] == {"height": 48, "width": 48}
+    assert processor["size"] == {"shortest_edge": round(37 * 48 / 32)}  # the default resize/crop ratio, 37 / 32
+    assert "| image_size | 48×48 |" in (out / "README.md").read_text()
+    for path in [out / "model.safetensors", out / "config.json", *(out / "checkpoints").rglob("*.safetensors")]:
+        assert path.stat().st_mode & 0o777 == 0o644, path
+
+    code, err = _run_inprocess([*argv[:-2], "--output-dir", tmp_path / "bad", "--image-size", 50], capsys)
+    assert code == 2 and "--image-size 50 is not a multiple of the patch size 8" in err
+
+
+def test_linear_probe_defaults_to_dino_linear_evaluation(tmp_path, capsys):
+    """Without --learning-rate a probe trains like DINO's linear evaluation: SGD with momentum 0.9, no weight decay,
+    learning rate 1e-3 × global batch / 256 (cosine); explicit values still win."""
+    from vit_registers.training.optim import create_linear_probe_optimizer, linear_probe_learning_rate
+
+    assert linear_probe_learning_rate(1024) == pytest.approx(4e-3)
+    model = ViTRegistersForImageClassification(ViTRegistersConfig(**TINY, num_labels=3))
+    model.vit_registers.requires_grad_(False)
+    optimizer = create_linear_probe_optimizer(model, 0.1)
+    assert isinstance(optimizer, torch.optim.SGD) and optimizer.defaults["momentum"] == 0.9
+    assert {group["weight_decay"] for group in optimizer.param_groups} == {0.0}
+
+    train = make_image_folder(tmp_path / "train", classes=CLASSES[:2], per_class=4, size=32, seed=0)
+    argv = ["--model", "config:tiny", "--train-dir", train, "--max-steps", 2, "--per-device-batch-size", 8]
+    code, err = _run_inprocess([*argv, "--output-dir", tmp_path / "probe", "--linear-probe"], capsys)
+    assert code == 0, err
+    log = json.loads((tmp_path / "probe" / "training_log.json").read_text())
+    assert log["optimizer"].startswith("SGD") and log["weight_decay"] == 0.0 and log["layer_decay"] == 1.0
+    assert log["learning_rate"] == pytest.approx(1e-3 * 8 / 256) == log["learning_rates"][0][1]
+    code, err = _run_inprocess(
+        [*argv, "--output-dir", tmp_path / "probe-lr", "--linear-probe", "--learning-rate", 0.05], capsys
+    )
+    assert code == 0, err
+    assert json.loads((tmp_path / "probe-lr" / "training_log.json").read_text())["learning_rate"] == 0.05
+    code, err = _run_inprocess([*argv, "--output-dir", tmp_path / "x", "--linear-probe", "--layer-decay", 0.7], capsys)
+    assert code == 2 and "--layer-decay does not apply to --linear-probe" in err
+
+
+def test_transformers_dinov2_directory_gets_the_processor_convert_writes(tmp_path):
+    """A transformers DINOv2 directory without a processor (the real DINOv2-S weights of ../shared) trains at 224 px,
+    the size `scripts/convert.py` writes, not at the 518 px grid of its position embeddings."""
+    from transformers import AutoImageProcessor
+
+    from vit_registers.training.loop import convert_transformers_checkpoint, processor_at_size
+
+    source = ROOT.parent / "shared" / "real-weights" / "dinov2-small-imgfocus"
+    if not (source / "config.json").is_file():
+        pytest.skip("the shared real weights are not on this machine")
+    assert not (source / "preprocessor_config.json").exists()
+    convert_transformers_checkpoint(str(source), str(tmp_path / "converted"))
+    processor = AutoImageProcessor.from_pretrained(tmp_path / "converted")
+    assert json.loads((tmp_path / "converted" / "config.json").read_text())["image_size"] == 518
+    assert processor.crop_size["height"] == processor.crop_size["width"] == 224
+    assert processor.size["shortest_edge"] == 256
+    smaller = processor_at_size(processor, 112)
+    assert (smaller.crop_size["height"], smaller.size["shortest_edge"]) == (112, 128)

@@ -24,12 +24,29 @@ from pathlib import Path
 
 import torch
 
-from .data import ClassificationData, DataError, TransformedDataset, build_transforms, collate, load_classification_data
+from ..modeling_vit_registers import _new_file_mode
+from .data import (
+    ClassificationData,
+    DataError,
+    TransformedDataset,
+    build_transforms,
+    collate,
+    load_classification_data,
+    processor_geometry,
+)
 from .metrics import Accuracy
-from .optim import create_optimizer, create_scheduler
+from .optim import (
+    create_linear_probe_optimizer,
+    create_optimizer,
+    create_scheduler,
+    linear_probe_learning_rate,
+    peak_learning_rate,
+)
 from .registers import add_register_tokens
 
 CHECKPOINT_DIR = "checkpoints"
+DEFAULT_LEARNING_RATE = 1e-4  # fine-tuning with AdamW; a linear probe follows DINO's protocol (optim.py)
+DEFAULT_WEIGHT_DECAY = 0.05
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 TINY_CONFIG = dict(
@@ -61,9 +78,9 @@ class FinetuneConfig:
     num_train_epochs: int | None = None
     max_steps: int | None = None
     per_device_batch_size: int = 32
-    learning_rate: float = 1e-4
+    learning_rate: float | None = None
     layer_decay: float | None = None
-    weight_decay: float = 0.05
+    weight_decay: float | None = None
     warmup_steps: int = 0
     gradient_accumulation_steps: int = 1
     mixed_precision: str = "no"
@@ -75,6 +92,7 @@ class FinetuneConfig:
     seed: int = 0
     push_to_hub: str | None = None
     crop_scale_min: float = 0.08
+    image_size: int | None = None
     extra: dict = field(default_factory=dict)
 
     def check(self) -> None:
@@ -94,14 +112,18 @@ class FinetuneConfig:
         for name in ("per_device_batch_size", "gradient_accumulation_steps"):
             if getattr(self, name) < 1:
                 raise SetupError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}.")
-        if self.learning_rate <= 0:
+        if self.learning_rate is not None and self.learning_rate <= 0:
             raise SetupError(f"--learning-rate must be > 0, got {self.learning_rate}.")
+        if self.image_size is not None and self.image_size < 1:
+            raise SetupError(f"--image-size must be >= 1, got {self.image_size}.")
         if not 0 < self.crop_scale_min <= 1:
             raise SetupError(f"--crop-scale-min must be in (0, 1], got {self.crop_scale_min}.")
         if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
             raise SetupError(f"--layer-decay must be in (0, 1], got {self.layer_decay}.")
-        if self.weight_decay < 0 or self.warmup_steps < 0:
+        if (self.weight_decay is not None and self.weight_decay < 0) or self.warmup_steps < 0:
             raise SetupError("--weight-decay and --warmup-steps must be >= 0.")
+        if self.linear_probe and self.layer_decay not in (None, 1.0):
+            raise SetupError("--layer-decay does not apply to --linear-probe (only the classifier trains).")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise SetupError(f"--mixed-precision must be no, fp16 or bf16, got {self.mixed_precision!r}.")
 
@@ -124,6 +146,25 @@ def default_image_processor(config):
     )
 
 
+def processor_at_size(image_processor, image_size: int):
+    """A copy of `image_processor` that gives the model `image_size` × `image_size` inputs. A processor that resizes
+    then center-crops keeps its ratio of the two (256 / 224 for DINOv2's evaluation transform)."""
+    resize, (crop_height, crop_width) = processor_geometry(image_processor)
+    values = image_processor.to_dict()
+    if getattr(image_processor, "do_center_crop", False) and getattr(image_processor, "crop_size", None):
+        values["crop_size"] = {"height": image_size, "width": image_size}
+        if isinstance(resize, int):
+            values["size"] = {"shortest_edge": int(round(resize * image_size / min(crop_height, crop_width)))}
+        else:
+            ratio = image_size / min(crop_height, crop_width)
+            values["size"] = {"height": int(round(resize[0] * ratio)), "width": int(round(resize[1] * ratio))}
+    elif isinstance(resize, int):
+        values["size"] = {"shortest_edge": image_size}
+    else:
+        values["size"] = {"height": image_size, "width": image_size}
+    return type(image_processor).from_dict(values)
+
+
 def _config_from_json(path: str) -> dict:
     try:
         with open(path, encoding="utf-8") as handle:
@@ -142,20 +183,19 @@ CONVERTIBLE_MODEL_TYPES = ("dinov2", "dinov2_with_registers")
 
 def convert_transformers_checkpoint(source: str, destination: str) -> str:
     """Convert a transformers Dinov2 / Dinov2WithRegisters directory into a vit_registers one (weights, config and
-    image processor) at `destination`, for fine-tuning; returns `destination`."""
-    from transformers import AutoImageProcessor
+    image processor) at `destination`, for fine-tuning; returns `destination`.
 
+    The processor is the one `scripts/convert.py` writes: the directory's own, else DINOv2's evaluation transform
+    (224 px), not the 518 px grid the position embeddings are stored at."""
     from ..conversion import ConversionError, convert
+    from ..conversion.publish import make_image_processor
 
     try:
         model = convert("transformers", source)
     except ConversionError as error:
         raise SetupError(f"--model {source!r} could not be converted: {error}") from None
     model.save_pretrained(destination)
-    try:
-        AutoImageProcessor.from_pretrained(source).save_pretrained(destination)
-    except OSError:  # no preprocessor_config.json: the default processor is built later
-        pass
+    make_image_processor("transformers", checkpoint=source)[0].save_pretrained(destination)
     return destination
 
 
@@ -307,6 +347,9 @@ def _save_checkpoint(accelerator, output_dir: str, step: int, log: dict) -> Path
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (partial / "training_state.json").write_text(json.dumps({"completed_steps": step, "log": log}))
+        mode = _new_file_mode()  # safetensors writes 0600 (a renamed temporary file); the rest follows the umask
+        for weights in partial.rglob("*.safetensors"):
+            weights.chmod(mode)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(partial, final)  # atomic: a killed run never leaves a half-written step_N
     accelerator.wait_for_everyone()
@@ -318,11 +361,17 @@ def _save_checkpoint(accelerator, output_dir: str, step: int, log: dict) -> Path
 
 
 def evaluate_accuracy(model, dataloader, accelerator) -> dict[str, float]:
-    """Accuracy (the `evaluate` metric) and mean loss over `dataloader`, gathered across processes."""
+    """Accuracy (the `evaluate` metric) and mean loss over `dataloader`, gathered across processes; a progress bar
+    on the main process."""
+    from tqdm.auto import tqdm
+
     model.eval()
     predictions, references, losses = [], [], []
+    batches = tqdm(
+        dataloader, desc="validation", unit="batch", leave=False, disable=not accelerator.is_local_main_process
+    )
     with torch.no_grad():
-        for batch in dataloader:
+        for batch in batches:
             outputs = model(pixel_values=batch["pixel_values"], labels=batch["labels"])
             preds, refs = accelerator.gather_for_metrics((outputs.logits.argmax(-1), batch["labels"]))
             loss = accelerator.gather_for_metrics(outputs.loss.detach().float().reshape(1).repeat(len(batch["labels"])))
@@ -350,6 +399,12 @@ def _model_card(config: FinetuneConfig, data: ClassificationData, log: dict, out
         metrics=["accuracy"],
     )
     hyper = {k: v for k, v in asdict(config).items() if k not in ("extra", "output_dir", "push_to_hub")}
+    hyper.update(
+        learning_rate=log["learning_rate"],
+        weight_decay=log["weight_decay"],
+        optimizer=log["optimizer"],
+        image_size="×".join(map(str, log["image_size"])),
+    )
     hyper.update(
         num_processes=log["num_processes"],
         global_batch_size=log["global_batch_size"],
@@ -448,7 +503,23 @@ def train(config: FinetuneConfig) -> dict:
         )
     model, processor, from_scratch = build_model(config, data, source)
     summary = prepare_model_for_training(model, config)
-    layer_decay = config.layer_decay if config.layer_decay is not None else (1.0 if from_scratch else 0.75)
+    if config.image_size is not None:
+        patch = model.config.patch_size
+        if config.image_size % patch:
+            raise SetupError(f"--image-size {config.image_size} is not a multiple of the patch size {patch}.")
+        processor = processor_at_size(processor, config.image_size)
+    input_size = processor_geometry(processor)[1]  # what the model sees in training and validation
+    global_batch = config.per_device_batch_size * accelerator.num_processes * config.gradient_accumulation_steps
+    if config.linear_probe:  # DINO / DINOv2 linear evaluation: SGD, momentum 0.9, no weight decay, lr ∝ batch
+        layer_decay = 1.0
+        learning_rate = config.learning_rate or linear_probe_learning_rate(global_batch)
+        weight_decay = 0.0 if config.weight_decay is None else config.weight_decay
+        optimizer_name = "SGD, momentum 0.9 (DINO linear evaluation)"
+    else:
+        layer_decay = config.layer_decay if config.layer_decay is not None else (1.0 if from_scratch else 0.75)
+        learning_rate = config.learning_rate or DEFAULT_LEARNING_RATE
+        weight_decay = DEFAULT_WEIGHT_DECAY if config.weight_decay is None else config.weight_decay
+        optimizer_name = "AdamW"
 
     train_set = TransformedDataset(
         data.train, build_transforms(processor, train=True, crop_scale_min=config.crop_scale_min), seed=config.seed
@@ -471,7 +542,10 @@ def train(config: FinetuneConfig) -> dict:
             eval_set, batch_size=config.per_device_batch_size, shuffle=False, collate_fn=collate, num_workers=workers
         )
 
-    optimizer = create_optimizer(model, config.learning_rate, config.weight_decay, layer_decay)
+    if config.linear_probe:
+        optimizer = create_linear_probe_optimizer(model, learning_rate, weight_decay)
+    else:
+        optimizer = create_optimizer(model, learning_rate, weight_decay, layer_decay)
     # The prepared loader yields len(train_loader) / num_processes batches per process and epoch.
     batches_per_epoch = math.ceil(len(train_loader) / accelerator.num_processes)
     steps_per_epoch = math.ceil(batches_per_epoch / config.gradient_accumulation_steps)
@@ -499,18 +573,22 @@ def train(config: FinetuneConfig) -> dict:
         batches_per_epoch = len(train_loader)
         steps_per_epoch = math.ceil(batches_per_epoch / config.gradient_accumulation_steps)
 
-    global_batch = config.per_device_batch_size * accelerator.num_processes * config.gradient_accumulation_steps
     log = {
         "num_processes": accelerator.num_processes,
         "distributed_type": str(accelerator.distributed_type),
         "global_batch_size": global_batch,
         "steps_per_epoch": steps_per_epoch,
         "max_steps": max_steps,
+        "image_size": list(input_size),
+        "optimizer": optimizer_name,
+        "learning_rate": learning_rate,
+        "weight_decay": weight_decay,
         "layer_decay": layer_decay,
         "num_register_tokens": int(accelerator.unwrap_model(model).config.num_register_tokens),
         "cpu_kernel_layers": kernelized,
         **summary,
         "train_loss": [],
+        "learning_rates": [],
         "eval": [],
         "resumed_from": None,
     }
@@ -523,6 +601,7 @@ def train(config: FinetuneConfig) -> dict:
             raise SetupError(f"cannot resume from {str(path)!r}: {type(error).__name__}: {error}") from None
         saved = json.loads((path / "training_state.json").read_text())
         log["train_loss"] = saved["log"].get("train_loss", [])
+        log["learning_rates"] = saved["log"].get("learning_rates", [])
         log["eval"] = saved["log"].get("eval", [])
         log["resumed_from"] = str(path)
         start_epoch = completed_steps // steps_per_epoch
@@ -530,10 +609,18 @@ def train(config: FinetuneConfig) -> dict:
 
     if accelerator.is_main_process:
         os.makedirs(config.output_dir, exist_ok=True)
+    depth = accelerator.unwrap_model(model).config.num_hidden_layers
+    decay = f", layer decay {layer_decay:g} (embeddings at {learning_rate * layer_decay ** (depth + 1):.3g})"
     accelerator.print(
         f"Training {max_steps} steps ({epochs} epochs of {steps_per_epoch}), global batch {global_batch}, "
         f"{accelerator.num_processes} process(es), {summary['trainable_parameters']:,} trainable parameters"
         + (f", oneDNN CPU kernels in {kernelized} blocks." if kernelized else ".")
+    )
+    accelerator.print(
+        f"Images: {input_size[0]}×{input_size[1]} px in training and validation (--image-size to change). "
+        f"Optimizer: {optimizer_name}, peak learning rate {learning_rate:.3g}"
+        + (decay if layer_decay != 1.0 else "")
+        + f", weight decay {weight_decay:g}."
     )
     progress = tqdm(total=max_steps, initial=completed_steps, disable=not accelerator.is_local_main_process)
     started = time.perf_counter()
@@ -557,13 +644,15 @@ def train(config: FinetuneConfig) -> dict:
             micro += 1
             if not accelerator.sync_gradients:
                 continue
+            used_learning_rate = peak_learning_rate(optimizer)  # the head's: the other groups scale it down
             scheduler.step()
             completed_steps += 1
             loss = accelerator.reduce(running / micro, reduction="mean").item()
             running, micro = torch.zeros((), device=accelerator.device), 0
             log["train_loss"].append([completed_steps, loss])
+            log["learning_rates"].append([completed_steps, used_learning_rate])
             progress.update(1)
-            progress.set_postfix(loss=f"{loss:.4f}", epoch=epoch)
+            progress.set_postfix(loss=f"{loss:.4f}", lr=f"{used_learning_rate:.3g}", epoch=epoch)
             if config.checkpointing_steps and completed_steps % config.checkpointing_steps == 0:
                 _save_checkpoint(accelerator, config.output_dir, completed_steps, log)
             if completed_steps >= max_steps:

@@ -49,7 +49,8 @@ def parameter_groups(
     """AdamW groups for the trainable parameters of `model`, with per-group ``lr`` and ``weight_decay``.
 
     Each group also records ``layer_id`` and ``lr_scale`` (= ``layer_decay ** (L + 1 - layer_id)``), so schedules
-    that rescale ``lr`` keep the decay.
+    that rescale ``lr`` keep the decay. The groups run from the output to the input: the first one holds the peak
+    learning rate, which is what `Trainer` (``get_last_lr()[0]``) and other loggers of the first group report.
     """
     if not 0.0 < layer_decay <= 1.0:
         raise ValueError(f"layer_decay must be in (0, 1], got {layer_decay}.")
@@ -77,7 +78,12 @@ def parameter_groups(
         groups[key]["names"].append(name)
     if not groups:
         raise ValueError("the model has no trainable parameters.")
-    return [groups[key] for key in sorted(groups)]
+    return [groups[key] for key in sorted(groups, key=lambda key: (-key[0], key[1]))]
+
+
+def peak_learning_rate(optimizer: torch.optim.Optimizer) -> float:
+    """The largest learning rate of `optimizer`'s groups: the head's under layer-wise decay."""
+    return max(float(group["lr"]) for group in optimizer.param_groups)
 
 
 def create_optimizer(
@@ -105,6 +111,26 @@ def create_optimizer(
     return torch.optim.AdamW(groups, **options, fused=fused)
 
 
+LINEAR_PROBE_BASE_LR = 1e-3
+LINEAR_PROBE_REFERENCE_BATCH = 256
+
+
+def linear_probe_learning_rate(global_batch_size: int, base_learning_rate: float = LINEAR_PROBE_BASE_LR) -> float:
+    """DINO's linear-evaluation learning rate: `base_learning_rate` × global batch / 256 (Caron et al. 2021, App. D;
+    facebookresearch/dino `eval_linear.py`, whose SGD recipe DINOv2's linear evaluation keeps with a sweep of bases)."""
+    return base_learning_rate * global_batch_size / LINEAR_PROBE_REFERENCE_BATCH
+
+
+def create_linear_probe_optimizer(
+    model: nn.Module, learning_rate: float, weight_decay: float = 0.0, momentum: float = 0.9
+) -> torch.optim.SGD:
+    """SGD with momentum 0.9 and no weight decay over the trainable parameters, as DINO's and DINOv2's linear
+    evaluation train their linear classifiers (cosine schedule: `create_scheduler`). Same groups as
+    :func:`parameter_groups` without layer decay."""
+    groups = parameter_groups(model, learning_rate, weight_decay, layer_decay=1.0)
+    return torch.optim.SGD(groups, lr=learning_rate, momentum=momentum)
+
+
 def _fused_adamw_devices() -> set[str]:
     """Device types with torch's fused AdamW kernels."""
     try:
@@ -126,10 +152,14 @@ def create_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int, total_
 
 
 __all__ = [
+    "LINEAR_PROBE_BASE_LR",
     "NO_DECAY_TOKENS",
+    "create_linear_probe_optimizer",
     "create_optimizer",
     "create_scheduler",
     "layer_id",
+    "linear_probe_learning_rate",
     "parameter_groups",
+    "peak_learning_rate",
     "uses_weight_decay",
 ]
