@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from .._quiet import quiet_transformers
 from ..configuration_vit_registers import ViTRegistersConfig
 from ..modeling_vit_registers import ViTRegistersModel
 from . import (
@@ -514,7 +515,8 @@ def convert_and_publish(
         model = convert(source, checkpoint, arch=arch, interpolation=interpolation)
         steps.update()
         steps.set_description("building reference")
-        reference = build_reference(source, checkpoint, arch=arch)
+        with quiet_transformers():  # a local directory: no "Loading weights" bar inside this one
+            reference = build_reference(source, checkpoint, arch=arch)
         steps.update()
         steps.set_description("verifying")
         report = verify(
@@ -546,7 +548,8 @@ def convert_and_publish(
         interpolation=resampling,
     )
     del reference
-    target = write_output(output_dir, model, processor, card, dtype=dtype, max_shard_size=max_shard_size)
+    with quiet_transformers():  # no "Writing model shards" bar
+        target = write_output(output_dir, model, processor, card, dtype=dtype, max_shard_size=max_shard_size)
     log(f"wrote {target}")
     commit_url = None
     if push_to_hub:

@@ -95,7 +95,10 @@ class ClassificationData:
 def _load_imagefolder(directory: str, cache_dir: str | None = None):
     from datasets import load_dataset
 
-    return load_dataset("imagefolder", data_dir=directory, split="train", cache_dir=cache_dir)
+    from .._quiet import quiet_datasets
+
+    with quiet_datasets():  # a local folder: no "Generating train split" bars
+        return load_dataset("imagefolder", data_dir=directory, split="train", cache_dir=cache_dir)
 
 
 def _label_names(dataset, column: str) -> list[str] | None:

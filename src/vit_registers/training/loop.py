@@ -13,17 +13,20 @@ configuration decides (see ``scripts/accelerate_configs/``). Properties the test
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import re
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
+from .._quiet import quiet_transformers
 from ..modeling_vit_registers import _new_file_mode
 from .data import (
     ClassificationData,
@@ -194,7 +197,8 @@ def convert_transformers_checkpoint(source: str, destination: str) -> str:
         model = convert("transformers", source)
     except ConversionError as error:
         raise SetupError(f"--model {source!r} could not be converted: {error}") from None
-    model.save_pretrained(destination)
+    with quiet_transformers():
+        model.save_pretrained(destination)
     make_image_processor("transformers", checkpoint=source)[0].save_pretrained(destination)
     return destination
 
@@ -266,10 +270,21 @@ def build_model(config: FinetuneConfig, data: ClassificationData, source: dict |
     if isinstance(source, dict):
         model_config = ViTRegistersConfig(**source, **labels)
         return ViTRegistersForImageClassification(model_config), default_image_processor(model_config), True
-    try:
-        model = AutoModelForImageClassification.from_pretrained(source, ignore_mismatched_sizes=True, **labels)
+    try:  # a local checkpoint loads without transformers' bar and report; what matters is reported below
+        with quiet_transformers() if os.path.isdir(source) else contextlib.nullcontext():
+            model, loading = AutoModelForImageClassification.from_pretrained(
+                source, ignore_mismatched_sizes=True, output_loading_info=True, **labels
+            )
     except Exception as error:  # noqa: BLE001
         raise SetupError(f"could not load --model {source!r}: {type(error).__name__}: {error}") from None
+    missing = [key for key in loading.get("missing_keys", ()) if not key.startswith("classifier.")]
+    unexpected = list(loading.get("unexpected_keys", ()))
+    if missing or unexpected:  # the classifier is new on purpose; anything else is worth a line
+        print(
+            f"finetune.py: warning: --model {source!r}: {len(missing)} weight(s) newly initialised "
+            f"{sorted(missing)[:4]}, {len(unexpected)} unused {sorted(unexpected)[:4]}.",
+            file=sys.stderr,
+        )
     try:
         processor = AutoImageProcessor.from_pretrained(source)
     except Exception:  # noqa: BLE001 - no preprocessor_config.json: derive one from the model
@@ -673,11 +688,12 @@ def train(config: FinetuneConfig) -> dict:
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(model)
     state_dict = accelerator.get_state_dict(model)
-    unwrapped.save_pretrained(
-        config.output_dir,
-        is_main_process=accelerator.is_main_process,
-        state_dict=state_dict,
-    )
+    with quiet_transformers():  # no "Writing model shards" bar
+        unwrapped.save_pretrained(
+            config.output_dir,
+            is_main_process=accelerator.is_main_process,
+            state_dict=state_dict,
+        )
     if accelerator.is_main_process:
         processor.save_pretrained(config.output_dir)
         _model_card(config, data, log, config.output_dir).save(os.path.join(config.output_dir, "README.md"))
