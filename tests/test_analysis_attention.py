@@ -62,7 +62,9 @@ def test_chosen_layer_maps_equal_eager_attention(tmp_path, case):
                 got.registers[:, slot], patches[:, :, row].reshape(2, 4, 2, 3), atol=1e-5, rtol=1e-4
             )
         named = got.named_maps(1)
-        expected_names = (["CLS"] if config.use_cls_token else []) + [f"reg {i}" for i in range(len(register_rows))]
+        trained = [f"reg {i}" for i in range(config.num_register_tokens)]
+        test_time = [f"test-time reg {j}" for j in range(extra)]  # labelled as such, after the trained ones
+        expected_names = (["CLS"] if config.use_cls_token else []) + trained + test_time
         assert list(named) == expected_names
 
 

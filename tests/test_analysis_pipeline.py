@@ -94,8 +94,8 @@ def test_summary_is_json_ready():
     summary = json.loads(json.dumps(result.summary(prepared)))
     assert summary["outlier_fraction"] == 1.0
     assert summary["original_size"] == [60, 80] and summary["input_size"] == [28, 42]
-    assert summary["lost"]["layer"] == 1 and summary["lost"]["features"] == "queries"
+    assert summary["lost"]["layer"] == 2 and summary["lost"]["features"] == "queries"  # 1-based, as the norms
     x0, y0, x1, y1 = summary["lost"]["box"]
     assert 0 <= x0 < x1 <= 80 and 0 <= y0 < y1 <= 60
     assert summary["norms"][0]["cls"] is None
-    assert summary["attention_flow"] == {"2": {"patches": {"patches": 1.0}}}
+    assert summary["attention_flow"] == {"3": {"patches": {"patches": 1.0}}}

@@ -65,8 +65,17 @@ def run_cli(capsys, *argv):
 
 
 def check_stats_schema(stats, depth=2):
-    assert set(stats) >= {"model", "outlier_rule", "threshold", "images", "errors"}
-    assert isinstance(stats["threshold"], float)
+    assert set(stats) >= {
+        "model",
+        "outlier_rule",
+        "threshold",
+        "outlier_verdict",
+        "outliers_by_rule",
+        "images",
+        "errors",
+    }
+    assert stats["threshold"] is None or isinstance(stats["threshold"], float)  # None: the gap rule found no mode
+    assert set(stats["outlier_verdict"]) >= {"found", "reason", "gap", "max_over_median", "threshold"}
     for entry in stats["images"]:
         assert set(entry) >= {
             "path",
@@ -129,14 +138,19 @@ def test_analyze_bundled_photos_and_bad_input(tmp_path, capsys, model_dir, photo
     analysed = [Path(entry["path"]).stem for entry in stats["images"]]
     assert analysed == ["astronaut", "camera", "coffee", "chelsea", "rgba", "deep"]
     assert sorted(Path(e["path"]).name for e in stats["errors"]) == ["missing.jpg", "notes.png", "tiny.png"]
-    # pooled 98th percentile: about 2% of all patches are outliers, at least one
+    # random weights have no high-norm mode: the default (gap) rule flags nothing, while the pooled 98th percentile,
+    # reported next to it, would flag about 2% of all patches
     total = sum(entry["num_outliers"] for entry in stats["images"])
     patches = sum(entry["grid"][0] * entry["grid"][1] for entry in stats["images"])
-    assert 1 <= total <= 0.02 * patches + 1
+    assert stats["outlier_rule"]["rule"] == "gap" and stats["outlier_verdict"]["found"] is False
+    assert total == 0 and stats["threshold"] is None
+    assert 1 <= stats["outliers_by_rule"]["percentile"] <= 0.02 * patches + 1
+    assert stats["outliers_by_rule"]["percentile"] == sum(e["outliers_by_rule"]["percentile"] for e in stats["images"])
+    assert "no high-norm outliers" in stdout
     astronaut = stats["images"][0]
     assert astronaut["input_size"] == [56, 56] and astronaut["grid"] == [4, 4]
-    assert set(astronaut["attention_flow"]) == {"0", "1"}
-    assert set(astronaut["figures"]) == {"norms", "attention_layer0", "attention_layer1", "pca", "lost"}
+    assert set(astronaut["attention_flow"]) == {"1", "2"}  # layers 1..L, as the norms' depths
+    assert set(astronaut["figures"]) == {"norms", "attention_layer1", "attention_layer2", "pca", "lost"}
     for entry in stats["images"]:
         for name in entry["figures"].values():
             with Image.open(out / name) as figure:
@@ -180,7 +194,7 @@ def test_analyze_absolute_threshold_and_model_without_cls_or_registers(tmp_path,
         assert entry["norms"][0]["cls"] is None and entry["norms"][0]["registers"] is None
         assert set(entry["figures"]) == {"norms", "pca", "lost"}  # no CLS and no register: no attention grid
         assert entry["input_size"][0] == 70 and entry["lost"]["features"] == "values"
-        assert entry["attention_flow"]["1"] == {"patches": {"patches": pytest.approx(1.0, abs=1e-4)}}
+        assert entry["attention_flow"]["2"] == {"patches": {"patches": pytest.approx(1.0, abs=1e-4)}}
 
 
 def test_analyze_batches_give_the_same_numbers(tmp_path, capsys, model_dir, photos):
@@ -189,7 +203,17 @@ def test_analyze_batches_give_the_same_numbers(tmp_path, capsys, model_dir, phot
     for batch_size in (1, 8):
         out = tmp_path / f"b{batch_size}"
         code, _, stderr = run_cli(
-            capsys, "analyze", *images, "--model", model_dir, "--output-dir", out, "--batch-size", batch_size
+            capsys,
+            "analyze",
+            *images,
+            "--model",
+            model_dir,
+            "--output-dir",
+            out,
+            "--batch-size",
+            batch_size,
+            "--rule",
+            "percentile",
         )
         assert code == 0, stderr
         results.append(json.loads((out / "stats.json").read_text()))
@@ -230,6 +254,8 @@ def test_analyze_defaults_to_the_embedded_model_and_bundled_photos(tmp_path, cap
     code, stdout, _ = run_cli(capsys, "analyze", "--output-dir", tmp_path / "demo")
     assert code == 0 and "analysed 4 of 4" in stdout
     stats = json.loads((tmp_path / "demo" / "stats.json").read_text())
+    # the embedded model has no artifacts (docs/default-models.md): the verdict says so, on the terminal too
+    assert stats["outlier_verdict"]["found"] is False and "no high-norm outliers" in stdout
     assert stats["model"] == cli.DEFAULT_MODEL
     assert [Path(image["path"]).name for image in stats["images"]] == [
         "astronaut.png",
@@ -347,4 +373,6 @@ def test_readme_command_prints_only_its_own_result(tmp_path, photos):
     printed = done.stdout + done.stderr
     assert "UNEXPECTED" not in printed and "Falling back to pil backend" not in printed
     assert done.stderr == ""
-    assert done.stdout.splitlines() == [f"analysed 1 of 1 image(s); figures and stats in {out}"]
+    result, verdict = done.stdout.splitlines()  # the result and the outlier verdict
+    assert result == f"analysed 1 of 1 image(s); figures and stats in {out}"
+    assert verdict.startswith("no high-norm outliers")

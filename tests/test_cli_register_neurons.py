@@ -56,6 +56,7 @@ def test_find_register_neurons_writes_a_loadable_model(tmp_path, capsys):
             "6",
             "--percentile",
             "90",
+            "--force",  # random weights have no artifacts: the command refuses without it (test_outlier_verdict.py)
         ]
     )
     captured = capsys.readouterr()

@@ -29,14 +29,13 @@ from vit_registers import ViTRegistersConfig, ViTRegistersModel, space  # noqa: 
 from vit_registers.analysis import (  # noqa: E402
     analyze_batch,
     figures,
-    label_outliers,
     load_image,
     load_model,
-    outlier_threshold,
     prepare_with_processor,
     run_model,
 )
 from vit_registers.analysis.norms import group_norms, token_norms  # noqa: E402
+from vit_registers.analysis.pipeline import judge_outliers  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SPACE_DIR = ROOT / "spaces" / "register-explorer"
@@ -144,8 +143,7 @@ def _library(path, model_dir, layer=-1, percentile=98.0):
     model, processor = load_model(model_dir, "cpu")
     prepared = prepare_with_processor(load_image(path), processor, model.config.patch_size)
     (analysis,) = analyze_batch(model, prepared.pixel_values[None], layers=[layer])
-    threshold = outlier_threshold([analysis.patch_norm_map], rule="percentile", percentile=percentile)
-    label_outliers([analysis], threshold)
+    judge_outliers([analysis], rule="percentile", percentile=percentile)
     hidden = run_model(model, prepared.pixel_values[None]).hidden_states[-1]
     groups = group_norms(token_norms(hidden), model.config)
     return prepared, analysis, groups
@@ -305,6 +303,8 @@ def test_client_results_equal_the_library(client, model_dirs, images):
         prepared, analysis, groups = _library(images["small"], stats["model"])
         assert stats["input_size"] == list(analysis.input_size) == [56, 70]
         assert stats["threshold"] == pytest.approx(analysis.threshold, rel=1e-6)
+        assert stats["outlier_verdict"]["found"] is analysis.verdict.found is False  # random weights: no mode
+        assert stats["outliers_by_rule"]["percentile"] == stats["num_outliers"] >= 1
         assert stats["max_patch_norm"] == pytest.approx(analysis.patch_norm_map.max().item(), rel=1e-6)
         assert stats["num_outliers"] == int(analysis.outliers.sum())
         assert stats["outlier_fraction"] == pytest.approx(analysis.outlier_summary()["outlier_fraction"])
@@ -319,6 +319,8 @@ def test_client_results_equal_the_library(client, model_dirs, images):
                 analysis.patch_norm_map,
                 threshold=analysis.threshold,
                 title=f"{stats['label']}: patch norms",
+                verdict=analysis.verdict,
+                rule="percentile",
             )
         )
         np.testing.assert_array_equal(_assert_png(shown["norms"]), np.asarray(expected))
@@ -379,7 +381,7 @@ def test_sixteen_concurrent_requests_all_answered_correctly(client, model_dirs, 
     cases = [(images["small" if i % 2 else "other"], 90.0 + (i % 4)) for i in range(16)]
     store = space.ModelStore()
     expected = {
-        case: space.analyze(case[0], ["tiny-reg4"], value=case[1], models=model_dirs, store=store)
+        case: space.analyze(case[0], ["tiny-reg4"], rule="percentile", value=case[1], models=model_dirs, store=store)
         .results[0]
         .stats["threshold"]
         for case in set(cases)

@@ -29,7 +29,7 @@ PROG = "vit-registers"
 
 def default_model() -> str | None:
     """The embedded model with 4 registers (`vit_registers.pretrained`), used when `--model` is omitted."""
-    from .pretrained import default_models, default_model_path
+    from .pretrained import default_model_path, default_models
 
     return str(default_model_path(4)) if default_models() else None
 
@@ -131,8 +131,9 @@ def _analyze_arguments(parser: argparse.ArgumentParser) -> None:
         "--threshold", type=float, default=None,
         help="absolute norm threshold for outliers (default: the --rule computed over the given images)",
     )
-    parser.add_argument("--rule", choices=("percentile", "sigma", "absolute"), default=None,
-                        help="outlier rule (default: absolute with --threshold, else percentile)")
+    parser.add_argument("--rule", choices=("gap", "percentile", "sigma", "absolute"), default=None,
+                        help="outlier rule (default: absolute with --threshold, else gap: the patches above a "
+                        "separate high-norm mode, none without one)")
     parser.add_argument("--percentile", type=float, default=98.0, help="percentile for --rule percentile (98)")
     parser.add_argument("--sigma", type=float, default=3.0, help="k for --rule sigma: mean + k std (3)")
     parser.add_argument("--size", type=int, default=None, help="shorter image side in pixels (default: processor's)")
@@ -157,10 +158,9 @@ def run_analyze(args: argparse.Namespace) -> int:
 
     from .analysis import figures
     from .analysis.images import ImageError, load_image, prepare_with_processor
-    from .analysis.outliers import outlier_threshold
-    from .analysis.pipeline import analyze_batch, label_outliers
+    from .analysis.pipeline import analyze_batch, judge_outliers
 
-    rule = args.rule or ("absolute" if args.threshold is not None else "percentile")
+    rule = args.rule or ("absolute" if args.threshold is not None else "gap")
     if rule == "absolute" and args.threshold is None:
         raise CLIError("--rule absolute needs --threshold VALUE.")
     if args.size is not None and args.size < 1:
@@ -180,6 +180,9 @@ def run_analyze(args: argparse.Namespace) -> int:
     args.output_dir.mkdir(parents=True, exist_ok=True)
 
     done, errors, pending = {}, [], {}
+    # one bar per stage, each counting work done: an image is "analysed" once its model call has returned
+    quiet = len(args.images) < 2
+    bar = tqdm(total=len(args.images), desc="model", unit="image", disable=quiet)
 
     def run_batch(size):
         batch = pending.pop(size)
@@ -190,52 +193,66 @@ def run_analyze(args: argparse.Namespace) -> int:
         )
         for (index, path, prepared), analysis in zip(batch, analyses):
             done[index] = (path, prepared, analysis)
+        bar.update(len(batch))
 
     # images of one input size share a batch; the results keep the command line's order
-    for index, path in enumerate(tqdm(args.images, desc="analyze", unit="image", disable=len(args.images) < 2)):
+    for index, path in enumerate(args.images):
         try:
             prepared = prepare_with_processor(
                 load_image(path), processor, config.patch_size, name=path, short_side=args.size
             )
         except ImageError as error:
             errors.append({"path": path, "error": str(error)})
-            _warn(f"skipped {error}")
+            bar.update(1)
+            if quiet:
+                _warn(f"skipped {error}")
+            else:  # above the bar, not through it
+                tqdm.write(f"{PROG}: warning: skipped {error}", file=sys.stderr)
             continue
         pending.setdefault(prepared.input_size, []).append((index, path, prepared))
         if len(pending[prepared.input_size]) >= args.batch_size:
             run_batch(prepared.input_size)
     for size in list(pending):
         run_batch(size)
+    bar.close()
     done = [done[index] for index in sorted(done)]
 
     stats = {
         "model": args.model,
         "outlier_rule": {"rule": rule, "threshold": args.threshold, "percentile": args.percentile, "k": args.sigma},
         "threshold": None,
+        "outlier_verdict": None,
+        "outliers_by_rule": None,
         "images": [],
         "errors": errors,
     }
+    verdict = None
     if done:
-        threshold = outlier_threshold(
-            [analysis.patch_norm_map for _, _, analysis in done], rule=rule, threshold=args.threshold,
-            percentile=args.percentile, k=args.sigma,
+        analyses = [analysis for _, _, analysis in done]
+        verdict = judge_outliers(
+            analyses, rule=rule, threshold=args.threshold, percentile=args.percentile, k=args.sigma
         )
-        stats["threshold"] = threshold
-        label_outliers([analysis for _, _, analysis in done], threshold)
+        stats["threshold"] = analyses[0].threshold
+        stats["outlier_verdict"] = verdict.to_dict()
+        stats["outliers_by_rule"] = {
+            name: sum(analysis.outlier_summary()["outliers_by_rule"][name] for analysis in analyses)
+            for name in analyses[0].thresholds_by_rule
+        }
     used: set[str] = set()
-    for path, prepared, analysis in done:
+    for path, prepared, analysis in tqdm(done, desc="figures", unit="image", disable=quiet):
         stem = _figure_stem(path, used)
         image = prepared.image
         written = {}
         written["norms"] = figures.norm_figure(
-            image, analysis.patch_norm_map, threshold=analysis.threshold,
-            title=f"{Path(path).name}: last-layer norms before the final norm",
+            image, analysis.patch_norm_map, threshold=analysis.threshold, verdict=verdict, rule=rule,
+            title=f"{Path(path).name}: patch norms after layer {depth} of {depth} (last), before the final norm",
         )
         for maps in analysis.attention:
             named = maps.named_maps()
             if named:
-                written[f"attention_layer{maps.layer}"] = figures.attention_figure(
-                    image, named, title=f"{Path(path).name}: attention to patches, layer {maps.layer}"
+                written[f"attention_layer{maps.layer + 1}"] = figures.attention_figure(
+                    image, named, dpi=args.dpi,
+                    title=f"{Path(path).name}: attention to the patches in layer {maps.layer + 1} of {depth}",
                 )
         written["pca"] = figures.pca_figure(
             image, analysis.pca_rgb, analysis.pca_whitened, analysis.pca_foreground_rgb, title=Path(path).name
@@ -250,6 +267,9 @@ def run_analyze(args: argparse.Namespace) -> int:
     stats_path = args.output_dir / "stats.json"
     stats_path.write_text(json.dumps(stats, indent=2))
     print(f"analysed {len(done)} of {len(args.images)} image(s); figures and stats in {stats_path.parent}")
+    if verdict is not None:
+        counts = ", ".join(f"{name} {count}" for name, count in stats["outliers_by_rule"].items())
+        print(f"{verdict.headline}; patches flagged by each rule: {counts} of {verdict.num_patches}")
     if errors:
         _warn(f"{len(errors)} image(s) could not be analysed (listed under 'errors' in {stats_path}).")
         return 1
@@ -326,12 +346,15 @@ def _neuron_arguments(parser: argparse.ArgumentParser) -> None:
     rule.add_argument("--percentile", type=float, help="percentile of the pooled patch norms (default: 98)")
     parser.add_argument("--num-tokens", type=int, default=1, help="test-time registers to append (default: 1)")
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--force", action="store_true",
+                        help="write the model even when the images show no high-norm outliers that the network grows")
 
 
 def run_find_register_neurons(args: argparse.Namespace) -> int:
     import torch
 
     from .analysis.images import ImageError, load_image
+    from .analysis.pipeline import layer_outliers
     from .interventions import enable_test_time_registers, find_register_neurons
 
     if not args.images.is_dir():
@@ -367,6 +390,22 @@ def run_find_register_neurons(args: argparse.Namespace) -> int:
             model, batches, top_k=args.top_k, highest_layer=args.highest_layer, detection_layer=args.detection_layer,
             threshold=args.threshold, percentile=percentile,
         )
+    # refuse to build test-time registers from patches that are not artifacts (Darcet et al. Fig. 4a: they separate
+    # from the other patches inside the network; outliers.outlier_verdict: they form a separate high-norm mode)
+    detection = depth - 2 if args.detection_layer is None else args.detection_layer % depth
+    check = layer_outliers(model, batches, detection, threshold=found.threshold)
+    problems = []
+    if check.first_separating_layer is None:
+        problems.append(f"the patches above the norm threshold {found.threshold:.4g} never stand apart from the "
+                        "others (at no depth is their mean norm 2x the rest's)")
+    if not check.verdict.found:
+        problems.append(f"the output of layer {detection + 1} of {depth} has {check.verdict.headline}")
+    problem = "; ".join(problems) or None
+    if problem is not None:
+        if not args.force:
+            raise CLIError(f"no artifacts to move into test-time registers: {problem}. Nothing was written "
+                           "(--force writes the model anyway).")
+        _warn(f"{problem}. --force: writing the model anyway.")
     enable_test_time_registers(model, found, num_tokens=args.num_tokens)
     args.output_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(args.output_dir)
@@ -377,6 +416,10 @@ def run_find_register_neurons(args: argparse.Namespace) -> int:
         "rule": "absolute" if args.threshold is not None else f"percentile {percentile}",
         "images_seen": found.images_seen,
         "images_with_outliers": found.images_with_outliers,
+        "first_separating_layer": check.first_separating_layer,
+        "separation_ratio_per_layer": check.separation_ratios,
+        "outlier_verdict": check.verdict.to_dict(),
+        "forced": problem is not None,
         "neurons": {str(k): v for k, v in found.neurons.items()},
         "ranking": [{"layer": layer, "unit": unit, "score": score} for layer, unit, score in found.ranking],
     }

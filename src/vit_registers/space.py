@@ -4,7 +4,7 @@ For one image and each chosen model it shows what Darcet et al. 2024 ("Vision Tr
 the patch-norm map with the high-norm outliers (§2.1, Fig. 3), the attention of CLS and of each register to the
 patches (Fig. 1, 9), every head, the PCA of the patch features (Fig. 11), the LOST box (Siméoni et al. 2021; §3.3)
 and, optionally, test-time registers (Jiang et al. 2025). Every number and figure comes from
-`vit_registers.analysis` (`analyze_batch`, `label_outliers`, the figure functions), so the Space, the CLI and the
+`vit_registers.analysis` (`analyze_batch`, `judge_outliers`, the figure functions), so the Space, the CLI and the
 Python API agree.
 
 Input limits: images are decoded to 8-bit RGB, then downscaled so that neither side exceeds `max_side` pixels
@@ -45,8 +45,7 @@ from .analysis.images import (  # noqa: E402
     target_short_side,
 )
 from .analysis.loading import ModelLoadError, load_model  # noqa: E402
-from .analysis.outliers import outlier_threshold  # noqa: E402
-from .analysis.pipeline import analyze_batch, label_outliers  # noqa: E402
+from .analysis.pipeline import analyze_batch, judge_outliers, layer_outliers  # noqa: E402
 from .onednn import apply_cpu_kernels  # noqa: E402
 
 DEFAULT_MAX_SIDE = 448
@@ -58,7 +57,7 @@ QUEUE_SIZE = 64
 MODEL_CACHE_SIZE = 6  # loaded (model, test-time registers on/off) variants kept in memory
 DPI = 80
 EXAMPLE_NAMES = BUNDLED_PHOTOS
-RULES = ("percentile", "absolute")
+RULES = ("gap", "percentile", "absolute")  # gap: above a separate high-norm mode, none without one (outlier_verdict)
 MAX_THRESHOLD = 1000.0  # upper end of the absolute-threshold slider
 # Test-time register discovery for models without stored neurons (Jiang et al. 2025, §3): outliers are the patches
 # above this percentile of the patch norms of the example photos; the top-k MLP units become register neurons.
@@ -192,6 +191,9 @@ class ModelStore:
             f"{count} register neurons found on the {len(paths)} example photos "
             f"(outliers above the {DISCOVERY_PERCENTILE:g}th percentile of patch norms)"
         )
+        check = layer_outliers(model, [pixels], model.config.num_hidden_layers - 2, threshold=found.threshold)
+        if not check.verdict.found:  # nothing to move: say so next to the toggle
+            note += f"; but this model has {check.verdict.headline}, so the test-time register has no artifact to take"
         self._neurons[name] = (found.neurons, note)
         return self._neurons[name]
 
@@ -293,8 +295,10 @@ class ModelResult:
         rows = [
             ["model input (px)", "{}x{}".format(*reversed(s["input_size"]))],
             ["patch grid", "{}x{}".format(*reversed(s["grid"]))],
+            ["high-norm outliers", s["outlier_verdict_text"]],
+            ["widest gap, max / median norm", f"{s['gap']:.2f}x, {s['max_over_median']:.2f}"],
             ["outlier rule", s["rule_text"]],
-            ["threshold", f"{s['threshold']:.4g}"],
+            ["threshold", "none" if s["threshold"] is None else f"{s['threshold']:.4g}"],
             ["max patch norm", f"{s['max_patch_norm']:.4g}"],
             ["outliers", f"{s['num_outliers']} of {s['num_patches']} patches"],
             ["outlier fraction", f"{100 * s['outlier_fraction']:.2f}%"],
@@ -312,16 +316,17 @@ def analyze_model(
     entry: LoadedModel,
     image: Image.Image,
     layer: int = -1,
-    rule: str = "percentile",
+    rule: str = "gap",
     value: float = 98.0,
     max_side: int = DEFAULT_MAX_SIDE,
     label: str | None = None,
 ) -> ModelResult:
-    """Analyse `image` with one model: `analyze_batch` + `label_outliers`, then the library's figures.
+    """Analyse `image` with one model: `analyze_batch` + `judge_outliers`, then the library's figures.
 
     Norms are last-layer patch norms before the final norm (Darcet et al. §2.1); attention maps are those of `layer`.
-    The outlier threshold is `value` itself (`rule="absolute"`) or the `value`-th percentile of this image's patch
-    norms (`rule="percentile"`).
+    The verdict says whether the image's patch norms have a separate high-norm mode; the outliers are the patches
+    above its gap (`rule="gap"`, none without a mode), above `value` itself (`rule="absolute"`) or above the
+    `value`-th percentile of this image's patch norms (`rule="percentile"`).
     """
     model, config = entry.model, entry.model.config
     depth = config.num_hidden_layers
@@ -337,8 +342,13 @@ def analyze_model(
     prepared = prepare_for_model(image, entry.processor, config.patch_size, max_side)
     with entry.lock:
         (analysis,) = analyze_batch(model, prepared.pixel_values[None], layers=[layer])
-    threshold = outlier_threshold([analysis.patch_norm_map], rule=rule, threshold=float(value), percentile=value)
-    label_outliers([analysis], threshold)
+    verdict = judge_outliers(
+        [analysis],
+        rule=rule,
+        threshold=float(value) if rule == "absolute" else None,
+        percentile=float(value) if rule == "percentile" else 98.0,
+    )
+    threshold = analysis.threshold
     summary = analysis.outlier_summary()
     register_norms = analysis.last_layer_norms["registers"].tolist()  # last layer, before the final norm
     cls_norm = analysis.last_layer_norms["cls"].tolist()
@@ -348,15 +358,22 @@ def analyze_model(
     title = label or entry.name
     rendered = {
         "norms": figures.norm_figure(
-            shown, analysis.patch_norm_map, threshold=threshold, title=f"{title}: patch norms"
+            shown,
+            analysis.patch_norm_map,
+            threshold=threshold,
+            title=f"{title}: patch norms",
+            verdict=verdict,
+            rule=rule,
         ),
         "cls_attention": None
         if maps.cls is None
-        else figures.attention_figure(shown, {"CLS": named["CLS"]}, max_heads=0),
+        else figures.attention_figure(shown, {"CLS": named["CLS"]}, max_heads=0, dpi=DPI),
         "register_attention": None
         if maps.registers.shape[1] == 0
-        else figures.attention_figure(shown, {k: v for k, v in named.items() if k != "CLS"}, max_heads=0),
-        "heads": figures.attention_figure(shown, named, title=f"layer {maps.layer}, every head") if named else None,
+        else figures.attention_figure(shown, {k: v for k, v in named.items() if k != "CLS"}, max_heads=0, dpi=DPI),
+        "heads": figures.attention_figure(shown, named, title=f"layer {maps.layer + 1} of {depth}, every head", dpi=DPI)
+        if named
+        else None,
         "pca": figures.pca_figure(
             shown, analysis.pca_rgb, analysis.pca_whitened, analysis.pca_foreground_rgb, title=title
         ),
@@ -364,19 +381,28 @@ def analyze_model(
     }
     images = {key: None if fig is None else figure_to_image(fig) for key, fig in rendered.items()}
     panels = {key: image is not None for key, image in images.items()}
-    rule_text = f"{float(value):g}th percentile of this image" if rule == "percentile" else "absolute norm"
+    rule_text = {
+        "gap": "above the gap of a separate high-norm mode",
+        "percentile": f"{float(value):g}th percentile of this image",
+        "absolute": "absolute norm",
+    }[rule]
     stats = {
         "model": entry.name,
         "label": title,
         "test_time_registers": entry.test_time_registers,
         "test_time_registers_note": entry.note,
-        "layer": maps.layer,
+        "layer": maps.layer + 1,  # 1..L, as in the figures and the CLI's stats.json
         "input_size": list(analysis.input_size),
         "grid": list(analysis.grid),
         "rule": rule,
         "rule_value": float(value),
         "rule_text": rule_text,
-        "threshold": float(threshold),
+        "threshold": threshold,
+        "outlier_verdict": verdict.to_dict(),
+        "outlier_verdict_text": verdict.headline,
+        "gap": verdict.gap,
+        "max_over_median": verdict.max_over_median,
+        "outliers_by_rule": summary["outliers_by_rule"],
         "max_patch_norm": float(analysis.patch_norm_map.max()),
         "num_patches": int(analysis.patch_norm_map.numel()),
         "num_outliers": summary["num_outliers"],
@@ -394,7 +420,7 @@ def analyze_model(
     if entry.test_time_registers:
         extra = config.num_test_time_registers
         parts.append(f"+ {extra} test-time register{'s' if extra != 1 else ''} ({entry.note})")
-    parts.append(f"{depth} layers, attention of layer {maps.layer}")
+    parts.append(f"{depth} layers, attention of layer {maps.layer + 1} of {depth}")
     if images["register_attention"] is None:
         parts.append("no registers: nothing to show in the register panel")
     header = f"### {title}\n" + " · ".join(parts)
@@ -429,7 +455,7 @@ def analyze(
     model_choices,
     test_time_registers: bool = False,
     layer: int = -1,
-    rule: str = "percentile",
+    rule: str = "gap",
     value: float = 98.0,
     *,
     models: Mapping[str, str | os.PathLike] | None = None,
@@ -580,7 +606,12 @@ def build_demo(
                     label="Attention layer",
                     info="-1 = last; negative counts from the end.",
                 )
-                rule = gr.Radio(list(RULES), value="percentile", label="Outlier rule")
+                rule = gr.Radio(
+                    list(RULES),
+                    value="gap",
+                    label="Outlier rule",
+                    info="gap: the patches above a separate high-norm mode (the paper's artifacts); none without one.",
+                )
                 percentile = gr.Slider(
                     0,
                     100,

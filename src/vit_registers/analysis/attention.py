@@ -20,12 +20,14 @@ from .tokens import GROUPS, TokenLayout, base_model, grid_of, resolve_layers, ru
 class AttentionMaps:
     """Attention from CLS / each register to the patches of one layer, on the patch grid.
 
-    cls: `(B, heads, h, w)` or None (model without CLS); registers: `(B, R, heads, h, w)` (R may be 0).
+    cls: `(B, heads, h, w)` or None (model without CLS); registers: `(B, R, heads, h, w)` (R may be 0), the trained
+    registers first, then the test-time registers (Jiang et al. 2025), as `register_labels` names them.
     """
 
     layer: int
     cls: torch.Tensor | None
     registers: torch.Tensor
+    register_labels: tuple[str, ...] | None = None  # default: "reg 0", "reg 1", ...
 
     @property
     def cls_mean(self) -> torch.Tensor | None:
@@ -38,11 +40,20 @@ class AttentionMaps:
         return self.registers.mean(2)
 
     def named_maps(self, index: int = 0) -> dict[str, torch.Tensor]:
-        """`{"CLS": (heads, h, w), "reg 0": ..., ...}` for image `index` of the batch."""
+        """`{"CLS": (heads, h, w), "reg 0": ..., "test-time reg 0": ...}` for image `index` of the batch."""
         maps = {} if self.cls is None else {"CLS": self.cls[index]}
-        for register in range(self.registers.shape[1]):
-            maps[f"reg {register}"] = self.registers[index, register]
+        labels = self.register_labels or [f"reg {register}" for register in range(self.registers.shape[1])]
+        for register, label in enumerate(labels):
+            maps[label] = self.registers[index, register]
         return maps
+
+
+def register_labels(config, num_registers: int) -> tuple[str, ...]:
+    """Names of the register maps: `"reg i"` for the trained registers, then `"test-time reg j"`."""
+    trained = min(int(config.num_register_tokens), num_registers)
+    return tuple(f"reg {i}" for i in range(trained)) + tuple(
+        f"test-time reg {j}" for j in range(num_registers - trained)
+    )
 
 
 def maps_from_weights(weights: torch.Tensor, config, grid: tuple[int, int], layer: int = -1) -> AttentionMaps:
@@ -57,7 +68,8 @@ def maps_from_weights(weights: torch.Tensor, config, grid: tuple[int, int], laye
         cls = to_patches[:, :, layout.cls[0]].reshape(batch, heads, height, width)
     registers = to_patches.index_select(2, layout.registers.to(weights.device))  # (B, heads, R, N)
     registers = registers.permute(0, 2, 1, 3).reshape(batch, -1, heads, height, width)
-    return AttentionMaps(layer=layer, cls=cls, registers=registers)
+    labels = register_labels(config, registers.shape[1])
+    return AttentionMaps(layer=layer, cls=cls, registers=registers, register_labels=labels)
 
 
 @torch.no_grad()
