@@ -33,16 +33,19 @@ from .lost import LostResult, box_iou, capture_qkv, connected_component, corloc,
 from .neighbors import input_patch_embeddings, neighbor_similarity, similarity_by_label
 from .norms import group_norms, layer_norms, norm_stats_per_layer, patch_norm_map, token_norms
 from .outliers import (
+    OutlierVerdict,
     first_separating_layer,
     outlier_fraction,
     outlier_mask,
     outlier_threshold,
+    outlier_verdict,
     percentile_threshold,
+    rule_thresholds,
     separation_ratios,
     sigma_threshold,
 )
 from .pca import foreground_mask, pca, pca_rgb, whitened_first_component
-from .pipeline import ImageAnalysis, analyze_batch, label_outliers
+from .pipeline import ImageAnalysis, LayerOutliers, analyze_batch, judge_outliers, label_outliers, layer_outliers
 from .tokens import TokenLayout, run_model
 
 __getattr__, __dir__ = lazy_names(
@@ -55,6 +58,8 @@ __all__ = [
     "CorLocResult",
     "DatasetError",
     "ImageAnalysis",
+    "LayerOutliers",
+    "OutlierVerdict",
     "ImageError",
     "LostResult",
     "ModelLoadError",
@@ -76,7 +81,9 @@ __all__ = [
     "foreground_mask",
     "group_norms",
     "input_patch_embeddings",
+    "judge_outliers",
     "label_outliers",
+    "layer_outliers",
     "layer_norms",
     "load_image",
     "lost",
@@ -90,6 +97,7 @@ __all__ = [
     "outlier_fraction",
     "outlier_mask",
     "outlier_threshold",
+    "outlier_verdict",
     "patch_norm_map",
     "pca",
     "pca_figure",
@@ -98,6 +106,7 @@ __all__ = [
     "prepare_image",
     "prepare_with_processor",
     "read_box_dataset",
+    "rule_thresholds",
     "run_model",
     "save_figure",
     "separation_ratios",
