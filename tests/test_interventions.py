@@ -38,7 +38,7 @@ def test_algorithm_2_on_a_hand_checked_example():
             [[9.0, 1.0, 1.0], [2.0, 2.0, -3.0], [0.0, 3.0, 2.0], [0.0, 4.0, 0.0]],
         ]
     )
-    edited = apply_test_time_registers(hidden, torch.tensor([0, 2]), num_registers=1)
+    edited = apply_test_time_registers(hidden, torch.tensor([0, 2]), num_registers=1, mode="per_neuron", first_normal=0)
     expected = torch.tensor(
         [
             [[0.0, 5.0, 0.0], [0.0, 6.0, 0.0], [0.0, 7.0, 0.0], [3.0, 8.0, 4.0]],  # max over tokens of image 0
@@ -48,7 +48,9 @@ def test_algorithm_2_on_a_hand_checked_example():
     torch.testing.assert_close(edited, expected, rtol=0, atol=0)
     original = hidden.clone()
     assert torch.equal(hidden, original)  # the default leaves its input alone
-    in_place = apply_test_time_registers(hidden, torch.tensor([0, 2]), num_registers=1, inplace=True)
+    in_place = apply_test_time_registers(
+        hidden, torch.tensor([0, 2]), num_registers=1, mode="per_neuron", first_normal=0, inplace=True
+    )
     assert in_place.data_ptr() == hidden.data_ptr() and not torch.equal(hidden, original)
     torch.testing.assert_close(in_place, expected, rtol=0, atol=0)
 
@@ -83,12 +85,13 @@ def test_test_time_registers_survive_save_and_load(tmp_path):
     model = enable_test_time_registers(tiny_model(), {1: [2, 4]}, num_tokens=1)
     model.save_pretrained(tmp_path)
     loaded = ViTRegistersModel.from_pretrained(tmp_path).eval()
-    assert loaded.config.test_time_registers == {"num_tokens": 1, "neurons": {"1": [2, 4]}}
+    spec = {"num_tokens": 1, "neurons": {"1": [2, 4]}, "mode": "reference", "normal_values": "zero", "scale": 1.0}
+    assert loaded.config.test_time_registers == spec
     pixels = torch.randn(2, 3, 56, 56)
     torch.testing.assert_close(loaded(pixels).register_tokens, model(pixels).register_tokens)
     with pytest.raises(ValueError, match="must lie in"):
         model.set_test_time_registers({0: [10_000]})
-    assert model.config.test_time_registers == {"num_tokens": 1, "neurons": {"1": [2, 4]}}
+    assert model.config.test_time_registers == spec
 
 
 def planted_model(units=(3, 7)) -> ViTRegistersModel:
@@ -278,8 +281,7 @@ def test_paper_settings_are_valid_discovery_arguments():
     for name, settings in PAPER_SETTINGS.items():
         assert settings["highest_layer"] in (5, 17)
         scaled = dict(settings, highest_layer=1, top_k=2)  # the tiny model has 3 layers
-        if "threshold" in scaled:
-            scaled["threshold"] = float(
-                model(images, output_hidden_states=True).hidden_states[2][:, 1:].norm(dim=-1).quantile(0.9)
-            )
+        scaled["sparsity_activation"] = 2.0  # the planted units sit near 1 away from the bright patch
+        hidden = model(images, output_hidden_states=True).hidden_states[settings["detection_layer"]]
+        scaled["threshold"] = float(hidden.norm(dim=-1).quantile(0.9))  # every token: CLS too, as the authors
         assert find_register_neurons(model, [images], **scaled).neurons == {0: [3, 7]}, name

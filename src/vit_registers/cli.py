@@ -118,22 +118,34 @@ def _add_lost_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _analyze_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "images", nargs="*", metavar="IMAGE",
+        "images",
+        nargs="*",
+        metavar="IMAGE",
         help="image files (default: scikit-image's bundled photos astronaut, coffee, chelsea and rocket)",
     )
     add_model_argument(parser)
     parser.add_argument("--output-dir", required=True, type=Path, help="where figures and stats.json go")
     parser.add_argument(
-        "--layers", type=int, nargs="+", default=[-1], metavar="L",
+        "--layers",
+        type=int,
+        nargs="+",
+        default=[-1],
+        metavar="L",
         help="layers whose attention maps are drawn (negative counts from the end; default: -1)",
     )
     parser.add_argument(
-        "--threshold", type=float, default=None,
+        "--threshold",
+        type=float,
+        default=None,
         help="absolute norm threshold for outliers (default: the --rule computed over the given images)",
     )
-    parser.add_argument("--rule", choices=("gap", "percentile", "sigma", "absolute"), default=None,
-                        help="outlier rule (default: absolute with --threshold, else gap: the patches above a "
-                        "separate high-norm mode, none without one)")
+    parser.add_argument(
+        "--rule",
+        choices=("gap", "percentile", "sigma", "absolute"),
+        default=None,
+        help="outlier rule (default: absolute with --threshold, else gap: the patches above a "
+        "separate high-norm mode, none without one)",
+    )
     parser.add_argument("--percentile", type=float, default=98.0, help="percentile for --rule percentile (98)")
     parser.add_argument("--sigma", type=float, default=3.0, help="k for --rule sigma: mean + k std (3)")
     parser.add_argument("--size", type=int, default=None, help="shorter image side in pixels (default: processor's)")
@@ -188,8 +200,13 @@ def run_analyze(args: argparse.Namespace) -> int:
         batch = pending.pop(size)
         pixel_values = torch.stack([prepared.pixel_values for _, _, prepared in batch])
         analyses = analyze_batch(
-            model, pixel_values, layers=args.layers, lost_layer=args.lost_layer,
-            lost_kind=args.lost_features, lost_k=args.lost_k, lost_bias=args.lost_bias,
+            model,
+            pixel_values,
+            layers=args.layers,
+            lost_layer=args.lost_layer,
+            lost_kind=args.lost_features,
+            lost_k=args.lost_k,
+            lost_bias=args.lost_bias,
         )
         for (index, path, prepared), analysis in zip(batch, analyses):
             done[index] = (path, prepared, analysis)
@@ -244,21 +261,28 @@ def run_analyze(args: argparse.Namespace) -> int:
         image = prepared.image
         written = {}
         written["norms"] = figures.norm_figure(
-            image, analysis.patch_norm_map, threshold=analysis.threshold, verdict=verdict, rule=rule,
+            image,
+            analysis.patch_norm_map,
+            threshold=analysis.threshold,
+            verdict=verdict,
+            rule=rule,
             title=f"{Path(path).name}: patch norms after layer {depth} of {depth} (last), before the final norm",
         )
         for maps in analysis.attention:
             named = maps.named_maps()
             if named:
                 written[f"attention_layer{maps.layer + 1}"] = figures.attention_figure(
-                    image, named, dpi=args.dpi,
+                    image,
+                    named,
+                    dpi=args.dpi,
                     title=f"{Path(path).name}: attention to the patches in layer {maps.layer + 1} of {depth}",
                 )
         written["pca"] = figures.pca_figure(
             image, analysis.pca_rgb, analysis.pca_whitened, analysis.pca_foreground_rgb, title=Path(path).name
         )
-        written["lost"] = figures.lost_figure(image, analysis.lost.box, analysis.lost.similarity,
-                                              title=f"{Path(path).name}: LOST")
+        written["lost"] = figures.lost_figure(
+            image, analysis.lost.box, analysis.lost.similarity, title=f"{Path(path).name}: LOST"
+        )
         files = {}
         for name, fig in written.items():
             files[name] = f"{stem}_{name}.png"
@@ -281,8 +305,12 @@ def run_analyze(args: argparse.Namespace) -> int:
 
 def _corloc_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_argument(parser)
-    parser.add_argument("--dataset", required=True, type=Path,
-                        help="imagefolder-style directory with metadata.jsonl rows {file_name, objects: {bbox}}")
+    parser.add_argument(
+        "--dataset",
+        required=True,
+        type=Path,
+        help="imagefolder-style directory with metadata.jsonl rows {file_name, objects: {bbox}}",
+    )
     parser.add_argument("--box-format", choices=("xyxy", "xywh"), default="xyxy", help="bbox format (xyxy)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--square", action="store_true", help="resize to a square (default keeps the aspect ratio)")
@@ -308,8 +336,17 @@ def run_corloc(args: argparse.Namespace) -> int:
     if not -depth <= args.lost_layer < depth:
         raise CLIError(f"--lost-layer {args.lost_layer} does not exist in this {depth}-layer model.")
     result = evaluate_corloc(
-        model, processor, args.dataset, batch_size=args.batch_size, box_format=args.box_format, square=args.square,
-        layer=args.lost_layer, kind=args.lost_features, k=args.lost_k, bias=args.lost_bias, progress=not args.quiet,
+        model,
+        processor,
+        args.dataset,
+        batch_size=args.batch_size,
+        box_format=args.box_format,
+        square=args.square,
+        layer=args.lost_layer,
+        kind=args.lost_features,
+        k=args.lost_k,
+        bias=args.lost_bias,
+        progress=not args.quiet,
         short_side=args.size,
     )
     for message in result.skipped[:MAX_LISTED]:
@@ -333,21 +370,64 @@ def run_corloc(args: argparse.Namespace) -> int:
 
 
 def _neuron_arguments(parser: argparse.ArgumentParser) -> None:
+    from .configuration_vit_registers import (
+        DEFAULT_TEST_TIME_REGISTER_MODE,
+        TEST_TIME_REGISTER_MODES,
+        TEST_TIME_REGISTER_NORMAL_VALUES,
+    )
+
     add_model_argument(parser)
     parser.add_argument("--images", required=True, type=Path, help="directory of images used for discovery")
     parser.add_argument("--output-dir", required=True, type=Path, help="where the ready model directory goes")
     parser.add_argument("--top-k", type=int, default=50, help="number of register neurons (paper: 45-50 for L/14)")
-    parser.add_argument("--highest-layer", type=int, default=None,
-                        help="last layer searched (default: the detection layer; paper: 17 for DINOv2-L)")
-    parser.add_argument("--detection-layer", type=int, default=None,
-                        help="layer whose output norms flag outliers (default: second to last)")
+    parser.add_argument(
+        "--highest-layer",
+        type=int,
+        default=None,
+        help="last layer searched (default: the detection layer; paper: 17 for DINOv2-L)",
+    )
+    parser.add_argument(
+        "--detection-layer",
+        type=int,
+        default=None,
+        help="layer whose output norms flag outliers (default: second to last)",
+    )
     rule = parser.add_mutually_exclusive_group()
     rule.add_argument("--threshold", type=float, help="absolute patch-norm threshold (paper: 150 for DINOv2-L)")
     rule.add_argument("--percentile", type=float, help="percentile of the pooled patch norms (default: 98)")
     parser.add_argument("--num-tokens", type=int, default=1, help="test-time registers to append (default: 1)")
+    parser.add_argument(
+        "--mode",
+        choices=TEST_TIME_REGISTER_MODES,
+        default=DEFAULT_TEST_TIME_REGISTER_MODE,
+        help="the edit: 'reference' (the authors' code, default) or 'per_neuron'",
+    )
+    parser.add_argument(
+        "--normal-values",
+        choices=TEST_TIME_REGISTER_NORMAL_VALUES,
+        default="zero",
+        help="what the other tokens get in the register neurons (default: zero)",
+    )
+    parser.add_argument(
+        "--scale",
+        type=float,
+        nargs="+",
+        default=[1.0],
+        help="factor of the test-time registers' value: one, or one per token (default: 1)",
+    )
+    parser.add_argument(
+        "--norm-tokens",
+        choices=("patches", "all"),
+        default="patches",
+        help="tokens whose norms flag outliers: patches only (default) or all, as the authors",
+    )
+    parser.add_argument("--sparsity-filter", action="store_true", help="the authors' sparsity filter of the search")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--force", action="store_true",
-                        help="write the model even when the images show no high-norm outliers that the network grows")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="write the model even when the images show no high-norm outliers that the network grows",
+    )
 
 
 def run_find_register_neurons(args: argparse.Namespace) -> int:
@@ -363,6 +443,8 @@ def run_find_register_neurons(args: argparse.Namespace) -> int:
         raise CLIError(f"--output-dir {args.output_dir} exists and is not empty.")
     if args.top_k < 1 or args.num_tokens < 1 or args.batch_size < 1:
         raise CLIError("--top-k, --num-tokens and --batch-size must be >= 1.")
+    if len(args.scale) not in (1, args.num_tokens):
+        raise CLIError(f"--scale takes one factor or one per test-time token ({args.num_tokens}), got {args.scale}.")
     if args.percentile is not None and not 0 < args.percentile < 100:
         raise CLIError(f"--percentile must be in (0, 100), got {args.percentile}.")
     percentile = 98.0 if args.threshold is None and args.percentile is None else args.percentile
@@ -387,8 +469,15 @@ def run_find_register_neurons(args: argparse.Namespace) -> int:
     ]
     with torch.no_grad():
         found = find_register_neurons(
-            model, batches, top_k=args.top_k, highest_layer=args.highest_layer, detection_layer=args.detection_layer,
-            threshold=args.threshold, percentile=percentile,
+            model,
+            batches,
+            top_k=args.top_k,
+            highest_layer=args.highest_layer,
+            detection_layer=args.detection_layer,
+            threshold=args.threshold,
+            percentile=percentile,
+            norm_tokens=args.norm_tokens,
+            sparsity_filter=args.sparsity_filter,
         )
     # refuse to build test-time registers from patches that are not artifacts (Darcet et al. Fig. 4a: they separate
     # from the other patches inside the network; outliers.outlier_verdict: they form a separate high-norm mode)
@@ -396,17 +485,24 @@ def run_find_register_neurons(args: argparse.Namespace) -> int:
     check = layer_outliers(model, batches, detection, threshold=found.threshold)
     problems = []
     if check.first_separating_layer is None:
-        problems.append(f"the patches above the norm threshold {found.threshold:.4g} never stand apart from the "
-                        "others (at no depth is their mean norm 2x the rest's)")
+        problems.append(
+            f"the patches above the norm threshold {found.threshold:.4g} never stand apart from the "
+            "others (at no depth is their mean norm 2x the rest's)"
+        )
     if not check.verdict.found:
         problems.append(f"the output of layer {detection + 1} of {depth} has {check.verdict.headline}")
     problem = "; ".join(problems) or None
     if problem is not None:
         if not args.force:
-            raise CLIError(f"no artifacts to move into test-time registers: {problem}. Nothing was written "
-                           "(--force writes the model anyway).")
+            raise CLIError(
+                f"no artifacts to move into test-time registers: {problem}. Nothing was written "
+                "(--force writes the model anyway)."
+            )
         _warn(f"{problem}. --force: writing the model anyway.")
-    enable_test_time_registers(model, found, num_tokens=args.num_tokens)
+    scale = args.scale[0] if len(args.scale) == 1 else args.scale
+    enable_test_time_registers(
+        model, found, num_tokens=args.num_tokens, mode=args.mode, normal_values=args.normal_values, scale=scale
+    )
     args.output_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(args.output_dir)
     processor.save_pretrained(args.output_dir)
@@ -421,12 +517,16 @@ def run_find_register_neurons(args: argparse.Namespace) -> int:
         "outlier_verdict": check.verdict.to_dict(),
         "forced": problem is not None,
         "neurons": {str(k): v for k, v in found.neurons.items()},
+        "search": {"norm_tokens": args.norm_tokens, "sparsity_filter": args.sparsity_filter},
+        "test_time_registers": model.config.test_time_registers,  # as stored in config.json
         "ranking": [{"layer": layer, "unit": unit, "score": score} for layer, unit, score in found.ranking],
     }
     (args.output_dir / "register_neurons.json").write_text(json.dumps(report, indent=2))
     count = sum(len(units) for units in found.neurons.values())
-    print(f"{count} register neurons in layers {sorted(found.neurons)}; model with {args.num_tokens} test-time "
-          f"register(s) written to {args.output_dir}")
+    print(
+        f"{count} register neurons in layers {sorted(found.neurons)}; model with {args.num_tokens} test-time "
+        f"register(s) written to {args.output_dir}"
+    )
     return 0
 
 
@@ -449,8 +549,13 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 
 def _study_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--models", nargs="+", default=None, metavar="PATH_OR_ID",
-                        help="classification models to compare (default: the embedded models, 0 and 4 registers)")
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        default=None,
+        metavar="PATH_OR_ID",
+        help="classification models to compare (default: the embedded models, 0 and 4 registers)",
+    )
     parser.add_argument("--dataset", required=True, type=Path, help="dataset written by scripts/make_dataset.py")
     parser.add_argument("--split", default="test", help="split to evaluate (default: test)")
     parser.add_argument("--output-dir", required=True, type=Path, help="where study.json, study.md and figures go")
@@ -465,20 +570,31 @@ def run_study_command(args: argparse.Namespace) -> int:
     models = args.models or [str(path) for path in reversed(list(default_models().values()))]
     if not models:
         raise CLIError("no --models given and no embedded model installed.")
-    studies = run_study(models, args.dataset, args.output_dir, split=args.split, limit=args.limit,
-                        num_figures=args.figures)
+    studies = run_study(
+        models, args.dataset, args.output_dir, split=args.split, limit=args.limit, num_figures=args.figures
+    )
     print(markdown_table(studies))
     return 0
 
 
-register_subcommand("analyze", "norms, outliers, attention maps, PCA and LOST for images", _analyze_arguments,
-                    run_analyze)
-register_subcommand("study", "accuracy, CorLoc, patch-norm statistics and figures of models with/without registers",
-                    _study_arguments, run_study_command)
-register_subcommand("find-register-neurons", "find register neurons and write a model with test-time registers",
-                    _neuron_arguments, run_find_register_neurons)
-register_subcommand("demo", "launch the register-explorer Space locally", _demo_arguments, _run_demo,
-                    tune_allocator=False)
+register_subcommand(
+    "analyze", "norms, outliers, attention maps, PCA and LOST for images", _analyze_arguments, run_analyze
+)
+register_subcommand(
+    "study",
+    "accuracy, CorLoc, patch-norm statistics and figures of models with/without registers",
+    _study_arguments,
+    run_study_command,
+)
+register_subcommand(
+    "find-register-neurons",
+    "find register neurons and write a model with test-time registers",
+    _neuron_arguments,
+    run_find_register_neurons,
+)
+register_subcommand(
+    "demo", "launch the register-explorer Space locally", _demo_arguments, _run_demo, tune_allocator=False
+)
 register_subcommand("corloc", "LOST CorLoc over a dataset with boxes", _corloc_arguments, run_corloc)
 
 

@@ -26,6 +26,11 @@ AUTO_MAP = {
     "AutoBackbone": "modeling_vit_registers.ViTRegistersBackbone",
 }
 MLP_CHOICES = ("mlp", "swiglu")
+# Test-time registers (Jiang et al. 2025): how the edit fills the test-time tokens, and what the other tokens get.
+# "reference": the authors' code (one signed maximum per layer, CLS kept); "per_neuron": each neuron's own maximum.
+TEST_TIME_REGISTER_MODES = ("reference", "per_neuron")
+TEST_TIME_REGISTER_NORMAL_VALUES = ("zero", "mean", "only_outliers", "same")
+DEFAULT_TEST_TIME_REGISTER_MODE = "reference"
 # Sizes a model needs to be at least 1 (0 is accepted by the config alone, see `ViTRegistersConfig.validate_values`).
 SIZE_FIELDS = ("patch_size", "num_channels", "hidden_size", "num_hidden_layers", "num_attention_heads")
 
@@ -36,6 +41,33 @@ def _fail(message: str) -> None:
 
 def _is_integer(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def make_test_time_register_spec(
+    neurons: dict | None,
+    num_tokens: int = 1,
+    mode: str = DEFAULT_TEST_TIME_REGISTER_MODE,
+    normal_values: str = "zero",
+    scale: float | list[float] = 1.0,
+) -> dict | None:
+    """The `test_time_registers` config value for register neurons `{layer: [unit, ...]}` (see the config's Args);
+    `None` (test-time registers off) for `neurons=None` or `num_tokens=0`."""
+    if neurons is None or num_tokens == 0:
+        return None
+    if not _is_integer(num_tokens) or num_tokens < 1:
+        raise ValueError(f"num_tokens must be an integer >= 1, got {num_tokens!r}.")
+    scale = [float(value) for value in scale] if isinstance(scale, (list, tuple)) else float(scale)
+    return {
+        "num_tokens": num_tokens,
+        "neurons": {str(int(layer)): sorted({int(unit) for unit in units}) for layer, units in neurons.items()},
+        "mode": mode,
+        "normal_values": normal_values,
+        "scale": scale,
+    }
 
 
 class ViTRegistersConfig(BackboneConfigMixin, PretrainedConfig):
@@ -108,10 +140,14 @@ class ViTRegistersConfig(BackboneConfigMixin, PretrainedConfig):
             What `pooler_output` and the classifier see: `"cls"` (the CLS token), `"mean"` (mean of the patch
             tokens) or `"cls_mean"` (both concatenated, as in DINOv2's linear head). Registers are never pooled.
         test_time_registers (`dict`, *optional*):
-            Test-time registers (Jiang et al. 2025): `{"num_tokens": int, "neurons": {layer: [unit, ...]}}`. The
-            extra tokens are appended after the patches and receive, in each listed MLP unit, the maximum activation
-            over all tokens while every other token's activation is zeroed. They are returned in `register_tokens`
-            after the trained registers.
+            Test-time registers (Jiang et al. 2025): `{"num_tokens": int, "neurons": {layer: [unit, ...]}, "mode":
+            str, "normal_values": str, "scale": float or list}` (built by `make_test_time_register_spec`). `num_tokens`
+            extra tokens (zeros, no position embedding) follow the patches; in each listed MLP unit they receive the
+            outliers' activation and the other tokens get `normal_values` (`"zero"`, `"mean"`, `"only_outliers"`,
+            `"same"`). `mode="reference"`: the authors' edit, one signed maximum per layer written into every listed
+            unit, CLS left as it is; `"per_neuron"`: each unit's own maximum, CLS included in the zeroed tokens (the
+            meaning of a spec without `mode`). `scale`: one factor, or one per test-time token. They are returned in
+            `register_tokens` after the trained registers. See `modeling_vit_registers.apply_test_time_registers`.
         apply_layernorm (`bool`, defaults to `True`):
             Backbone only: apply the final LayerNorm to the returned feature maps.
         reshape_hidden_states (`bool`, defaults to `True`):
@@ -227,6 +263,33 @@ class ViTRegistersConfig(BackboneConfigMixin, PretrainedConfig):
     def num_test_time_registers(self) -> int:
         return int((self.test_time_registers or {}).get("num_tokens", 0))
 
+    def test_time_register_edit(self, layer_index: int) -> dict:
+        """The test-time-register edit of block `layer_index` as keyword arguments of `apply_test_time_registers`:
+        `neurons` (sorted, unique), `num_registers` (0: no edit in this block), `mode`, `normal_values`, `scale` and
+        `first_normal` (the first token the edit may change: 1 keeps CLS in the reference mode)."""
+        spec = self.test_time_registers or {}
+        neurons = spec.get("neurons") or {}
+        units = sorted({int(unit) for unit in neurons.get(str(layer_index), neurons.get(layer_index, []))})
+        mode = spec.get("mode", "per_neuron")  # specs written before modes existed hold the per-neuron edit
+        return {
+            "neurons": tuple(units),
+            "num_registers": int(spec.get("num_tokens", 0)) if units else 0,
+            "mode": mode,
+            "normal_values": spec.get("normal_values", "zero"),
+            "scale": spec.get("scale", 1.0),
+            "first_normal": int(self.use_cls_token) if mode == "reference" else 0,
+        }
+
+    def use_test_time_registers(self, spec: dict | None) -> None:
+        """Set `test_time_registers` to `spec` (see `make_test_time_register_spec`; `None`: off) if the model can take
+        it (`check_consistency`); otherwise keep the previous value and raise `ValueError`."""
+        previous, self.test_time_registers = self.test_time_registers, spec
+        try:
+            self.check_consistency()
+        except ValueError:
+            self.test_time_registers = previous
+            raise
+
     def token_slices(self, num_tokens: int) -> dict[str, tuple[slice, ...]]:
         """Where each token group sits in a sequence of `num_tokens`, laid out as
         `[CLS] + registers + patches + test-time registers`: `{"cls", "registers", "patches"}` → slices (the
@@ -292,6 +355,23 @@ class ViTRegistersConfig(BackboneConfigMixin, PretrainedConfig):
             or not isinstance(spec.get("neurons") or {}, dict)
         ):
             _fail("`test_time_registers` must be a dict with `num_tokens` >= 0 and `neurons` {layer: [units]}.")
+        if spec is not None:
+            mode, normal_values = spec.get("mode", "per_neuron"), spec.get("normal_values", "zero")
+            if mode not in TEST_TIME_REGISTER_MODES:
+                _fail(f"`test_time_registers['mode']` must be one of {TEST_TIME_REGISTER_MODES}, got {mode!r}.")
+            if normal_values not in TEST_TIME_REGISTER_NORMAL_VALUES:
+                _fail(
+                    f"`test_time_registers['normal_values']` must be one of {TEST_TIME_REGISTER_NORMAL_VALUES}, got "
+                    f"{normal_values!r}."
+                )
+            scale = spec.get("scale", 1.0)
+            if not (
+                _is_number(scale)
+                or isinstance(scale, list)
+                and len(scale) == spec.get("num_tokens", 0)
+                and all(_is_number(value) for value in scale)
+            ):
+                _fail(f"`test_time_registers['scale']` must be a number or one number per token, got {scale!r}.")
 
     def check_consistency(self) -> None:
         """Every check a model needs before it is built: `validate()` (one field at a time), sizes of at least 1,
@@ -330,4 +410,4 @@ class ViTRegistersConfig(BackboneConfigMixin, PretrainedConfig):
         """Every attention backend of this model can return attention weights, so nothing to refuse."""
 
 
-__all__ = ["ViTRegistersConfig"]
+__all__ = ["ViTRegistersConfig", "make_test_time_register_spec"]

@@ -58,7 +58,7 @@ except ImportError:  # pragma: no cover - transformers without the kernels integ
         return lambda cls: cls
 
 
-from .configuration_vit_registers import ViTRegistersConfig
+from .configuration_vit_registers import ViTRegistersConfig, make_test_time_register_spec
 
 
 @dataclass
@@ -306,46 +306,60 @@ class ViTRegistersDropPath(nn.Module):
 
 
 def apply_test_time_registers(
-    hidden: torch.Tensor, neurons: torch.Tensor, num_registers: int, inplace: bool = False
+    hidden, neurons, num_registers, mode="reference", normal_values="zero", scale=1.0, first_normal=1, inplace=False
 ) -> torch.Tensor:
-    """Jiang et al. 2025, Algorithm 2, on MLP hidden activations `(batch, tokens, units)`.
+    """Test-time registers (Jiang et al. 2025) on MLP hidden activations `(batch, tokens, units)`, each image alone: in
+    the units `neurons`, the last `num_registers` tokens get the outliers' activation times `scale` (one factor or one
+    per register), tokens `first_normal:-num_registers` get `normal_values` (`"zero"`, `"mean"`, `"only_outliers"`:
+    above mean + std set to the mean, `"same"`). `mode="reference"`: the authors' `activate_on_registers`, one signed
+    maximum per layer (re-taken after each write with per-register factors); `"per_neuron"`: each unit's maximum."""
 
-    In each register neuron the last `num_registers` tokens (the test-time registers) take the maximum activation
-    over all tokens of their own image, and every other token's activation is set to 0. Every image of the batch is
-    edited independently. `inplace` writes the edited columns into `hidden` instead of copying all of it.
-    """
+    def signed_peak(values):  # per image, the entry of largest magnitude, sign kept (a tie gives the negative one)
+        high, low = values.amax(dim=(1, 2), keepdim=True), values.amin(dim=(1, 2), keepdim=True)
+        return torch.where(high.abs() > low.abs(), high, low)
+
     selected = hidden[..., neurons]
-    peak = selected.amax(dim=1, keepdim=True)
-    is_register = torch.zeros(hidden.shape[1], 1, dtype=torch.bool, device=hidden.device)
-    is_register[hidden.shape[1] - num_registers :] = True
-    edited = torch.where(is_register, peak, torch.zeros_like(selected))
+    end = selected.shape[1] - num_registers
+    peak = selected.amax(dim=1, keepdim=True) if mode == "per_neuron" else signed_peak(selected)
+    sequential = mode == "reference" and isinstance(scale, (list, tuple))
+    for index, factor in enumerate(scale if isinstance(scale, (list, tuple)) else [scale] * num_registers):
+        value = factor * (signed_peak(selected) if sequential else peak)
+        selected = selected.clone()  # not in place: the backward pass of the peak reads these values
+        selected[:, end + index : end + index + 1] = value
+    normal = selected[:, first_normal:end]
+    mean = normal.mean(dim=1, keepdim=True)
+    if normal_values == "zero":
+        normal = torch.zeros_like(normal)
+    elif normal_values == "mean":
+        normal = mean.expand_as(normal)
+    elif normal_values == "only_outliers":
+        normal = torch.where(normal > mean + normal.std(dim=1, keepdim=True), mean, normal)
+    elif normal_values != "same":
+        raise ValueError(f"Unknown normal_values {normal_values!r}.")
+    edited = torch.cat([selected[:, :first_normal], normal, selected[:, end:]], dim=1)
     return hidden.index_copy_(-1, neurons, edited) if inplace else hidden.index_copy(-1, neurons, edited)
 
 
 class ViTRegistersTestTimeRegisters(nn.Module):
-    """The test-time-register edit of one block's MLP hidden units (`config.test_time_registers`); an identity in
-    blocks without register neurons. Holds no weights: the neurons come from the config."""
+    """One block's test-time-register edit (`config.test_time_register_edit`); identity without register neurons."""
 
-    def __init__(self, spec: dict | None = None, layer_index: int = 0):
+    def __init__(self, config: ViTRegistersConfig, layer_index: int = 0):
         super().__init__()
-        self.configure(spec, layer_index)
+        self.configure(config, layer_index)
 
-    def configure(self, spec: dict | None, layer_index: int) -> None:
-        """This block's register neurons from a `config.test_time_registers` spec (none: no edit)."""
-        neurons = (spec or {}).get("neurons") or {}
-        units = neurons.get(str(layer_index), neurons.get(layer_index, []))
-        self.num_tokens = int((spec or {}).get("num_tokens", 0)) if len(units) else 0
-        self.neurons: tuple[int, ...] = tuple(sorted(int(unit) for unit in units))
+    def configure(self, config: ViTRegistersConfig, layer_index: int) -> None:
+        self.settings = config.test_time_register_edit(layer_index)  # mode, normal_values, scale, first_normal
+        self.neurons, self.num_tokens = self.settings.pop("neurons"), self.settings.pop("num_registers")
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         if not self.num_tokens:
             return hidden
         neurons = torch.tensor(self.neurons, dtype=torch.long, device=hidden.device)
-        # without gradients the activations are the MLP's own scratch tensor: edit the neurons' columns in place
-        return apply_test_time_registers(hidden, neurons, self.num_tokens, inplace=not torch.is_grad_enabled())
+        inplace = not torch.is_grad_enabled()  # no gradients: the MLP's own scratch tensor, edited in place
+        return apply_test_time_registers(hidden, neurons, self.num_tokens, inplace=inplace, **self.settings)
 
     def extra_repr(self) -> str:
-        return f"neurons={list(self.neurons)}, num_tokens={self.num_tokens}" if self.num_tokens else ""
+        return f"neurons={list(self.neurons)}, num_tokens={self.num_tokens}, {self.settings}" if self.num_tokens else ""
 
 
 class ViTRegistersMLP(nn.Module):
@@ -359,7 +373,7 @@ class ViTRegistersMLP(nn.Module):
         self.fc1 = nn.Linear(config.hidden_size, 2 * hidden if self.gated else hidden)
         self.hidden_act = "silu" if self.gated else config.hidden_act
         self.activation = ACT2FN[self.hidden_act]
-        self.test_time_registers = ViTRegistersTestTimeRegisters(config.test_time_registers, layer_index)
+        self.test_time_registers = ViTRegistersTestTimeRegisters(config, layer_index)
         self.fc2 = nn.Linear(hidden, config.hidden_size)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
@@ -550,28 +564,14 @@ class ViTRegistersModel(ViTRegistersPreTrainedModel):
     def get_input_embeddings(self) -> ViTRegistersPatchEmbeddings:
         return self.embeddings.patch_embeddings
 
-    def set_test_time_registers(self, neurons: dict[int, Sequence[int]] | None, num_tokens: int = 1) -> None:
-        """Enable test-time registers (Jiang et al. 2025) with the given register neurons `{layer: [unit, ...]}`, or
-        disable them with `None`. Stored in the config, so `save_pretrained` / `from_pretrained` reproduce it."""
-        if neurons is None or num_tokens == 0:
-            spec = None
-        else:
-            if num_tokens < 1:
-                raise ValueError(f"num_tokens must be >= 1, got {num_tokens}.")
-            spec = {
-                "num_tokens": int(num_tokens),
-                "neurons": {str(int(k)): sorted(int(u) for u in v) for k, v in neurons.items()},
-            }
-        previous = self.config.test_time_registers
-        self.config.test_time_registers = spec
-        try:
-            self.config._check_values()
-        except ValueError:
-            self.config.test_time_registers = previous
-            raise
+    def set_test_time_registers(self, neurons: dict | None, num_tokens: int = 1, **settings) -> None:
+        """Enable test-time registers (Jiang et al. 2025) with register neurons `{layer: [unit, ...]}` (`None`: off);
+        `settings`: `mode` (default `"reference"`), `normal_values`, `scale` (`apply_test_time_registers`). Stored in
+        the config (`make_test_time_register_spec`): `save_pretrained` and `trust_remote_code` reproduce it."""
+        self.config.use_test_time_registers(make_test_time_register_spec(neurons, num_tokens, **settings))
         self.embeddings.num_test_time_registers = self.config.num_test_time_registers
         for index, layer in enumerate(self.encoder.layer):
-            layer.mlp.test_time_registers.configure(spec, index)
+            layer.mlp.test_time_registers.configure(self.config, index)
 
     def split_tokens(self, tokens: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
         """Split a `(batch, tokens, hidden)` sequence into (CLS or None, registers incl. test-time, patches)."""

@@ -160,7 +160,9 @@ class ModelStore:
         if stored and stored.get("neurons"):
             neurons = {int(layer): units for layer, units in stored["neurons"].items()}
             note = f"{sum(map(len, neurons.values()))} register neurons stored with the model"
-            enable_test_time_registers(model, neurons, int(stored.get("num_tokens", 1)) or 1)
+            settings = {key: stored[key] for key in ("mode", "normal_values", "scale") if key in stored}
+            settings.setdefault("mode", "per_neuron")  # a spec without mode holds the per-neuron edit
+            enable_test_time_registers(model, neurons, int(stored.get("num_tokens", 1)) or 1, **settings)
             return LoadedModel(name, model, processor, True, note)
         neurons, note = self.discover_neurons(name, model, processor)
         enable_test_time_registers(model, neurons)
