@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--linear-probe",
         action="store_true",
         help="Freeze the backbone; train the classifier only, as DINO's linear evaluation: SGD with momentum 0.9, "
-        "no weight decay, learning rate 1e-3 × global batch / 256 unless --learning-rate is given.",
+        "no weight decay, learning rate 0.1 × global batch / 256 unless --learning-rate is given.",
     )
     model.add_argument("--gradient-checkpointing", action="store_true", help="Recompute activations to save memory.")
     data = parser.add_argument_group("data")
@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--learning-rate",
         type=float,
-        help="Peak learning rate, of the head (default 1e-4; with --linear-probe 1e-3 × global batch / 256).",
+        help="Peak learning rate, of the head (default 1e-4; with --linear-probe 0.1 × global batch / 256).",
     )
     run.add_argument("--layer-decay", type=float, help="Layer-wise LR decay (default 0.75; 1.0 from scratch).")
     run.add_argument(

@@ -790,10 +790,10 @@ def test_image_size_peak_learning_rate_and_validation_are_shown_and_files_are_06
 
 def test_linear_probe_defaults_to_dino_linear_evaluation(tmp_path, capsys):
     """Without --learning-rate a probe trains like DINO's linear evaluation: SGD with momentum 0.9, no weight decay,
-    learning rate 1e-3 × global batch / 256 (cosine); explicit values still win."""
+    learning rate 0.1 × global batch / 256 (cosine); explicit values still win."""
     from vit_registers.training.optim import create_linear_probe_optimizer, linear_probe_learning_rate
 
-    assert linear_probe_learning_rate(1024) == pytest.approx(4e-3)
+    assert linear_probe_learning_rate(1024) == pytest.approx(0.4)
     model = ViTRegistersForImageClassification(ViTRegistersConfig(**TINY, num_labels=3))
     model.vit_registers.requires_grad_(False)
     optimizer = create_linear_probe_optimizer(model, 0.1)
@@ -806,7 +806,7 @@ def test_linear_probe_defaults_to_dino_linear_evaluation(tmp_path, capsys):
     assert code == 0, err
     log = json.loads((tmp_path / "probe" / "training_log.json").read_text())
     assert log["optimizer"].startswith("SGD") and log["weight_decay"] == 0.0 and log["layer_decay"] == 1.0
-    assert log["learning_rate"] == pytest.approx(1e-3 * 8 / 256) == log["learning_rates"][0][1]
+    assert log["learning_rate"] == pytest.approx(0.1 * 8 / 256) == log["learning_rates"][0][1]
     code, err = _run_inprocess(
         [*argv, "--output-dir", tmp_path / "probe-lr", "--linear-probe", "--learning-rate", 0.05], capsys
     )
