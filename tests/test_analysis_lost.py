@@ -40,9 +40,41 @@ def test_lost_finds_planted_object_box():
     expected[3:6, 4:9] = True
     assert torch.equal(result.mask, expected)
     assert result.similarity.shape == (10, 12) and result.degree.shape == (10, 12)
-    # a bias large enough to make every entry positive gives a box over the whole image, clipped to its size
+    assert result.detected and result.degenerate is None
+    # a bias large enough to make every entry positive gives a box over the whole image, clipped to its size, and
+    # says that it is no detection: every patch has the same degree
     everything = lost(features, (10, 12), patch_size=14, bias=100.0, image_size=(130, 160))
     assert everything.box == [0.0, 0.0, 160.0, 130.0]
+    assert not everything.detected and "same degree" in everything.degenerate
+
+
+def test_lost_degree_leaves_out_the_self_similarity_as_the_authors():
+    features = planted_features()
+    result = lost(features, (10, 12), patch_size=14)
+    affinity = features.double() @ features.double().T
+    affinity.fill_diagonal_(0)  # LOST's patch_scoring: zero diagonal, negatives to 0, count entries above 0
+    affinity[affinity < 0] = 0
+    assert torch.equal(result.degree.flatten(), (affinity > 0).sum(dim=1))
+    assert int(result.degree.max()) <= 10 * 12 - 1  # at most every other patch
+
+
+def test_lost_ties_take_the_first_patch_in_raster_order():
+    features = torch.ones(3, 4, 2).reshape(-1, 2)  # every similarity positive: every degree equal
+    features[5] = torch.tensor([1.0, 3.0])  # still positive with all: a tie of 12 patches
+    result = lost(features, (3, 4), patch_size=14)
+    assert result.seed == 0 and int(result.degree.min()) == int(result.degree.max()) == 11
+    assert not result.detected and "no seed" in result.degenerate
+
+
+def test_lost_mask_over_the_whole_image_is_no_detection():
+    # 3 x 3 grid: patch 8 has the lowest degree (it meets only patch 4), but its similarity map is positive everywhere
+    features = torch.tensor([[1.0, 0.0]] * 9)
+    features[4] = torch.tensor([1.0, 5.0])
+    features[8] = torch.tensor([-0.1, 1.0])
+    result = lost(features, (3, 3), patch_size=14)
+    assert result.seed == 8 and result.degree.flatten().tolist() == [7, 7, 7, 7, 8, 7, 7, 7, 1]
+    assert result.mask.all() and result.box == [0.0, 0.0, 42.0, 42.0]
+    assert not result.detected and "whole image" in result.degenerate
 
 
 def test_lost_object_touching_the_border_and_rectangular_patches():
@@ -66,18 +98,49 @@ def test_box_iou_and_corloc_of_known_boxes():
     assert box_iou([0, 0, 10, 10], [5, 0, 15, 10]) == pytest.approx(50 / 150)
     assert box_iou([0, 0, 10, 10], [20, 20, 30, 30]) == 0.0
     assert box_iou([0, 0, 10, 10], [0, 0, 10, 20]) == 0.5
-    predictions = [[0, 0, 10, 10], [0, 0, 10, 10], [0, 0, 10, 10], [0, 0, 10, 10]]
+    predictions = [[0, 0, 10, 10], [0, 0, 10, 10], [0, 0, 10, 10], [0, 0, 10, 10], [0, 0, 10, 10]]
     truths = [
         [[0, 0, 10, 10]],  # exact
-        [[50, 50, 60, 60], [0, 0, 10, 20]],  # second box has IoU exactly 0.5: counts
+        [[50, 50, 60, 60], [0, 0, 10, 19.9]],  # second box has IoU 0.5025: counts
         [[5, 0, 15, 10]],  # IoU 1/3
         [[0, 0, 10, 21]],  # IoU < 0.5
+        [[0, 0, 10, 20]],  # IoU exactly 0.5: wrong, as in LOST
     ]
-    assert corloc(predictions, truths) == 0.5
+    assert corloc(predictions, truths) == 0.4
     with pytest.raises(ValueError):
         corloc(predictions, truths[:2])
     with pytest.raises(ValueError):
         corloc([], [])
+
+
+def lost_bbox_iou(box, other, eps=1e-7):
+    """LOST's `datasets.bbox_iou` (from YOLOv5) for one pair of xyxy boxes, re-implemented from reading it."""
+    inter = max(min(box[2], other[2]) - max(box[0], other[0]), 0) * max(
+        min(box[3], other[3]) - max(box[1], other[1]), 0
+    )
+    w1, h1 = box[2] - box[0], box[3] - box[1] + eps
+    w2, h2 = other[2] - other[0], other[3] - other[1] + eps
+    return inter / (w1 * h1 + w2 * h2 - inter + eps)
+
+
+@pytest.mark.parametrize(
+    "prediction,truth",
+    [
+        ([0, 0, 10, 10], [0, 0, 10, 20]),  # IoU exactly 0.5
+        ([0, 0, 100, 100], [0, 0, 100, 200]),  # IoU exactly 0.5, larger boxes
+        ([0, 0, 224, 224], [0, 0, 224, 112]),  # IoU exactly 0.5, half of the image
+        ([0, 0, 10, 10], [0, 0, 10, 19.999]),  # just above 0.5
+        ([14, 28, 70, 84], [0, 0, 64, 64]),
+    ],
+)
+def test_corloc_boundary_is_losts(prediction, truth):
+    from vit_registers.analysis.lost import LOST_IOU_EPS, is_correct_localization
+
+    assert LOST_IOU_EPS == 1e-7
+    assert box_iou(prediction, truth, eps=LOST_IOU_EPS) == pytest.approx(lost_bbox_iou(prediction, truth), rel=1e-12)
+    assert is_correct_localization(prediction, [truth]) == (lost_bbox_iou(prediction, truth) >= 0.5)
+    if box_iou(prediction, truth) == 0.5:
+        assert not is_correct_localization(prediction, [truth])
 
 
 def tiny_model(**kwargs):
@@ -159,12 +222,14 @@ def test_evaluate_corloc_on_a_small_dataset(tmp_path):
     assert any("broken.jpg" in message for message in result.skipped)
     assert len(result.skipped) == 5
     by_name = {item["file"].rsplit("/", 1)[-1]: item for item in result.per_image}
-    # a whole-image box is correct for a and c exactly when the LOST box covers at least half the image
+    # a whole-image box is correct for a and c exactly when the LOST box covers more than half the image
     for name in ("a.png", "c.png"):
         x0, y0, x1, y1 = by_name[name]["box"]
         assert 0 <= x0 < x1 <= 60.01 and 0 <= y0 < y1 <= 40.01
-        assert by_name[name]["correct"] == ((x1 - x0) * (y1 - y0) >= 0.5 * 60 * 40 - 1e-6)
+        assert by_name[name]["correct"] == (lost_bbox_iou(by_name[name]["box"], [0, 0, 60, 40]) >= 0.5)
     assert result.num_correct == sum(item["correct"] for item in result.per_image)
+    degenerate = [item for item in result.per_image if item["degenerate"] is not None]
+    assert result.to_dict()["num_degenerate"] == result.num_degenerate == len(degenerate)
     assert result.corloc == pytest.approx(result.num_correct / 3)
     assert result.to_dict()["num_skipped"] == 5
 

@@ -281,7 +281,11 @@ def run_analyze(args: argparse.Namespace) -> int:
             image, analysis.pca_rgb, analysis.pca_whitened, analysis.pca_foreground_rgb, title=Path(path).name
         )
         written["lost"] = figures.lost_figure(
-            image, analysis.lost.box, analysis.lost.similarity, title=f"{Path(path).name}: LOST"
+            image,
+            analysis.lost.box,
+            analysis.lost.similarity,
+            title=f"{Path(path).name}: LOST",
+            degenerate=analysis.lost.degenerate,
         )
         files = {}
         for name, fig in written.items():
@@ -294,6 +298,9 @@ def run_analyze(args: argparse.Namespace) -> int:
     if verdict is not None:
         counts = ", ".join(f"{name} {count}" for name, count in stats["outliers_by_rule"].items())
         print(f"{verdict.headline}; patches flagged by each rule: {counts} of {verdict.num_patches}")
+    for path, _, analysis in done:
+        if analysis.lost.degenerate:
+            print(f"LOST found no object in {path}: {analysis.lost.degenerate} (no box drawn; 'lost' in stats.json)")
     if errors:
         _warn(f"{len(errors)} image(s) could not be analysed (listed under 'errors' in {stats_path}).")
         return 1
@@ -363,6 +370,11 @@ def run_corloc(args: argparse.Namespace) -> int:
         f"CorLoc: {100 * result.corloc:.2f}% ({result.num_correct}/{result.num_images} images"
         + (f", {len(result.skipped)} skipped)" if result.skipped else ")")
     )
+    if result.num_degenerate:
+        print(
+            f"LOST found no object in {result.num_degenerate} image(s) (their whole-image box is scored, as in LOST; "
+            "'degenerate' per image with --output)"
+        )
     return 0
 
 

@@ -310,7 +310,10 @@ class ModelResult:
         for index, value in enumerate(s["register_norms"]):
             kind = "test-time register" if index >= s["num_trained_registers"] else "register"
             rows.append([f"{kind} {index} norm", f"{value:.4g}"])
-        rows.append(["LOST box (x0, y0, x1, y1)", ", ".join(f"{v:.0f}" for v in s["lost_box"])])
+        if s.get("lost_degenerate"):
+            rows.append(["LOST box (x0, y0, x1, y1)", f"none: no object found ({s['lost_degenerate']})"])
+        else:
+            rows.append(["LOST box (x0, y0, x1, y1)", ", ".join(f"{v:.0f}" for v in s["lost_box"])])
         return rows
 
 
@@ -379,7 +382,13 @@ def analyze_model(
         "pca": figures.pca_figure(
             shown, analysis.pca_rgb, analysis.pca_whitened, analysis.pca_foreground_rgb, title=title
         ),
-        "lost": figures.lost_figure(shown, analysis.lost.box, analysis.lost.similarity, title=f"{title}: LOST"),
+        "lost": figures.lost_figure(
+            shown,
+            analysis.lost.box,
+            analysis.lost.similarity,
+            title=f"{title}: LOST",
+            degenerate=analysis.lost.degenerate,
+        ),
     }
     images = {key: None if fig is None else figure_to_image(fig) for key, fig in rendered.items()}
     panels = {key: image is not None for key, image in images.items()}
@@ -413,6 +422,7 @@ def analyze_model(
         "num_trained_registers": int(config.num_register_tokens),
         "register_norms": register_norms,
         "lost_box": [float(v) for v in analysis.lost.box],  # model-input pixels, as in the figures
+        "lost_degenerate": analysis.lost.degenerate,  # why LOST found no object (the box is no detection), or None
         "first_separating_layer": summary["first_separating_layer"],
         "patch_norm_map": analysis.patch_norm_map.tolist(),
         "panels": panels,  # which figures this model has

@@ -97,11 +97,17 @@ class CorLocResult:
     per_image: list[dict] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
 
+    @property
+    def num_degenerate(self) -> int:
+        """Images where LOST found no object (`LostResult.degenerate`); their box is still scored, as LOST does."""
+        return sum(item.get("degenerate") is not None for item in self.per_image)
+
     def to_dict(self) -> dict:
         return {
             "corloc": self.corloc,
             "num_images": self.num_images,
             "num_correct": self.num_correct,
+            "num_degenerate": self.num_degenerate,
             "num_skipped": len(self.skipped),
             "skipped": self.skipped,
             "per_image": self.per_image,
@@ -127,7 +133,8 @@ def evaluate_corloc(
 
     `processor`: a transformers image processor (resize target and normalisation) or an int shorter side;
     `short_side` overrides the processor's resize target. Unreadable images and rows without boxes are skipped
-    with a message in `skipped`.
+    with a message in `skipped`. Images where LOST finds no object keep their box in the score, as LOST's own
+    evaluation does, and are marked (`degenerate` per image, `num_degenerate`).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
@@ -147,6 +154,7 @@ def evaluate_corloc(
                     "box": [round(v, 2) for v in box],
                     "best_iou": round(max(box_iou(box, gt) for gt in sample.boxes), 4),
                     "correct": is_correct_localization(box, sample.boxes),
+                    "degenerate": result.degenerate,
                 }
             )
 

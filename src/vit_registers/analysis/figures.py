@@ -203,17 +203,30 @@ def pca_figure(image, rgb, whitened=None, foreground_rgb=None, title: str = "") 
     return fig
 
 
-def lost_figure(image, box, similarity=None, ground_truth: Sequence[Sequence[float]] = (), title: str = "") -> Figure:
-    """Image with the LOST box (red) and ground-truth boxes (green) | (summed similarity map)."""
+def lost_figure(
+    image,
+    box,
+    similarity=None,
+    ground_truth: Sequence[Sequence[float]] = (),
+    title: str = "",
+    degenerate: str | None = None,
+) -> Figure:
+    """Image with the LOST box (red) and ground-truth boxes (green) | (summed similarity map). With `degenerate`
+    (`LostResult.degenerate`: LOST found no object) no box is drawn and the reason is written instead."""
     panels = 2 if similarity is not None else 1
     fig = Figure(figsize=(4 * panels, 4), layout="constrained")
     axes = np.atleast_1d(fig.subplots(1, panels))
     axes[0].imshow(_array(image))
     for gt in ground_truth:
         axes[0].add_patch(Rectangle((gt[0], gt[1]), gt[2] - gt[0], gt[3] - gt[1], fill=False, color="lime", lw=2))
-    x0, y0, x1, y1 = box
-    axes[0].add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, color="red", lw=2))
-    axes[0].set_title("LOST box")
+    if degenerate is None:
+        x0, y0, x1, y1 = box
+        axes[0].add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, color="red", lw=2))
+        axes[0].set_title("LOST box")
+    else:
+        axes[0].set_title("LOST: no object found", color="red")
+        note = dict(ha="center", va="bottom", fontsize=7, wrap=True, bbox=dict(facecolor="white", edgecolor="none"))
+        axes[0].text(0.5, 0.02, degenerate, transform=axes[0].transAxes, **note)
     if similarity is not None:
         _show_map(axes[1], similarity, image, cmap=CMAP)
         axes[1].set_title("similarity to seed set")

@@ -3,6 +3,13 @@
 Patch features F (keys of the last layer by default), A = F Fᵀ (+ b), degree = number of positive entries of each row,
 seed = the patch of lowest degree, the k lowest-degree patches that correlate positively with the seed are summed
 into a similarity map, and the 4-connected positive component holding the seed gives the box.
+
+Checked against the authors' code (valeoai/LOST, `object_discovery.py`): the degree leaves out each patch's
+similarity with itself, as theirs does (it zeroes the diagonal); patches of equal degree are ranked in raster order
+(a stable sort), where theirs leaves ties to an unstable `argsort`, so the seed can differ only when degrees tie.
+When no patch has a lower degree than the others, or the component covers the whole patch grid, LOST has found no
+object: the result says so (`LostResult.degenerate`) instead of passing the box off as a detection. CorLoc counts a
+box as correct when LOST's IoU (its `eps`) is at least 0.5, so an IoU of exactly 0.5 counts as wrong, as in LOST.
 """
 
 from __future__ import annotations
@@ -69,13 +76,22 @@ def lost_features(model, pixel_values: torch.Tensor, layer: int = -1, kind: str 
 
 @dataclass
 class LostResult:
-    """LOST output for one image: box `[x0, y0, x1, y1]` in input pixels, seed index, maps on the patch grid."""
+    """LOST output for one image: box `[x0, y0, x1, y1]` in input pixels, seed index, maps on the patch grid.
+
+    `degenerate` is `None` for a detection, else why LOST found no object (every patch has the same degree, so no
+    seed stands out; or the mask covers the whole image): the box is then the whole component, not an object.
+    """
 
     box: list[float]
     seed: int
     similarity: torch.Tensor  # (h, w) summed similarity to the chosen patches
     mask: torch.Tensor  # (h, w) bool, the seed's 4-connected positive component
-    degree: torch.Tensor  # (h, w) number of positive correlations
+    degree: torch.Tensor  # (h, w) number of positive correlations with the other patches
+    degenerate: str | None = None
+
+    @property
+    def detected(self) -> bool:
+        return self.degenerate is None
 
 
 def connected_component(mask: torch.Tensor, start: tuple[int, int]) -> torch.Tensor:
@@ -119,8 +135,8 @@ def lost(
         raise ValueError(f"k must be >= 1, got {k}.")
     features = features.double()
     affinity = features @ features.T + bias
-    degree = (affinity > 0).sum(-1)
-    order = torch.argsort(degree, stable=True)
+    degree = (affinity > 0).sum(-1) - (affinity.diagonal() > 0).long()  # without each patch's self-similarity
+    order = torch.argsort(degree, stable=True)  # ties: raster order
     seed = int(order[0])
     potentials = order[:k]
     similar = potentials[affinity[seed, potentials] > 0]
@@ -142,8 +158,21 @@ def lost(
     ]
     if image_size is not None:
         box[2], box[3] = min(box[2], float(image_size[1])), min(box[3], float(image_size[0]))
+    degenerate = None
+    if degree.numel() > 1 and bool((degree == degree[seed]).all()):
+        degenerate = (
+            f"no seed: all {degree.numel()} patches have the same degree ({int(degree[seed])} positive similarities "
+            "with the other patches), so none stands out as an object"
+        )
+    elif bool(component.all()):
+        degenerate = "the mask covers the whole image: no object is separated from the background"
     return LostResult(
-        box=box, seed=seed, similarity=similarity.float(), mask=component, degree=degree.reshape(height, width)
+        box=box,
+        seed=seed,
+        similarity=similarity.float(),
+        mask=component,
+        degree=degree.reshape(height, width),
+        degenerate=degenerate,
     )
 
 
@@ -163,24 +192,30 @@ def lost_boxes(
     return [lost(f, grid, config.patch_size, k=k, bias=bias, image_size=size) for f in features]
 
 
-def box_iou(box: list[float], other: list[float]) -> float:
-    """Intersection over union of two `[x0, y0, x1, y1]` boxes (continuous coordinates)."""
+LOST_IOU_EPS = 1e-7  # the `eps` of LOST's `bbox_iou` (from YOLOv5): added to each box height and to the union
+
+
+def box_iou(box: list[float], other: list[float], eps: float = 0.0) -> float:
+    """Intersection over union of two `[x0, y0, x1, y1]` boxes (continuous coordinates). With `eps`, LOST's formula:
+    `eps` is added to both heights and to the union, so the result lies just below the exact IoU."""
     width = max(0.0, min(box[2], other[2]) - max(box[0], other[0]))
     height = max(0.0, min(box[3], other[3]) - max(box[1], other[1]))
     inter = width * height
-    area = max(0.0, box[2] - box[0]) * max(0.0, box[3] - box[1])
-    area_other = max(0.0, other[2] - other[0]) * max(0.0, other[3] - other[1])
-    union = area + area_other - inter
+    area = max(0.0, box[2] - box[0]) * (max(0.0, box[3] - box[1]) + eps)
+    area_other = max(0.0, other[2] - other[0]) * (max(0.0, other[3] - other[1]) + eps)
+    union = area + area_other - inter + eps
     return inter / union if union > 0 else 0.0
 
 
 def is_correct_localization(box: list[float], ground_truth: list[list[float]], iou_threshold: float = 0.5) -> bool:
-    """CorLoc criterion: the box has IoU ≥ `iou_threshold` with at least one ground-truth box."""
-    return any(box_iou(box, gt) >= iou_threshold for gt in ground_truth)
+    """CorLoc criterion as LOST evaluates it: LOST's IoU (`eps` = `LOST_IOU_EPS`) ≥ `iou_threshold` with at least one
+    ground-truth box, so a box whose exact IoU is 0.5 counts as wrong."""
+    return any(box_iou(box, gt, eps=LOST_IOU_EPS) >= iou_threshold for gt in ground_truth)
 
 
 def corloc(predictions: list[list[float]], ground_truths: list[list[list[float]]], iou_threshold: float = 0.5) -> float:
-    """Correct localisation: share of images whose predicted box has IoU ≥ 0.5 with any of its ground-truth boxes."""
+    """Correct localisation: share of images whose predicted box overlaps one of its ground-truth boxes by more than
+    0.5 IoU (`is_correct_localization`)."""
     if len(predictions) != len(ground_truths):
         raise ValueError(f"{len(predictions)} predictions for {len(ground_truths)} images.")
     if not predictions:

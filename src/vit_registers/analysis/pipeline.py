@@ -69,6 +69,8 @@ class ImageAnalysis:
             "seed": [self.lost.seed // width, self.lost.seed % width],
             "features": self.lost_kind,
             "layer": self.lost_layer + 1,
+            "detected": self.lost.detected,
+            "degenerate": self.lost.degenerate,  # why LOST found no object (its box is then no detection), or None
         }
         result = {"input_size": list(self.input_size), "grid": list(self.grid)}
         if prepared is not None:
