@@ -320,3 +320,20 @@ def test_saved_weights_get_the_mode_of_any_new_file(tmp_path):
         assert len(written) >= 2
         for path in written:
             assert path.stat().st_mode & 0o777 == 0o644, path
+
+
+def test_find_register_neurons_writes_weights_0644(tmp_path):
+    """The command saves through `save_pretrained`: its weights come out 0644 like its JSON files."""
+    from tests.test_cli_register_neurons import _images, _saved_model
+    from vit_registers.cli import main
+
+    _saved_model(tmp_path / "model")
+    argv = ["find-register-neurons", "--model", str(tmp_path / "model"), "--images", str(_images(tmp_path / "in"))]
+    umask = os.umask(0o022)
+    try:
+        code = main([*argv, "--output-dir", str(tmp_path / "out"), "--top-k", "6", "--percentile", "90", "--force"])
+    finally:
+        os.umask(umask)
+    assert code == 0
+    for name in ("model.safetensors", "config.json", "register_neurons.json"):
+        assert (tmp_path / "out" / name).stat().st_mode & 0o777 == 0o644, name
