@@ -727,11 +727,12 @@ def test_transformers_dinov2_checkpoint_is_converted_then_finetuned(tmp_path, ca
     transformers.Dinov2WithRegistersModel(hf_config).save_pretrained(source)
     train = make_image_folder(tmp_path / "train", classes=CLASSES[:2], per_class=6, size=32)
     out = tmp_path / "finetuned"
-    code, err = _run_inprocess(
+    code, printed, err = _run_inprocess_with_output(
         ["--model", source, "--train-dir", train, "--output-dir", out, "--max-steps", 2, "--per-device-batch-size", 4],
         capsys,
     )
     assert code == 0, err
+    assert "the official DINOv2 formula for models with registers, which transformers'" in printed  # named
     converted = convert("transformers", source)
     saved = ViTRegistersForImageClassification.from_pretrained(out / "converted-model").vit_registers
     torch.testing.assert_close(saved.embeddings.register_tokens, converted.embeddings.register_tokens)

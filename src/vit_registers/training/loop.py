@@ -517,6 +517,14 @@ def train(config: FinetuneConfig) -> dict:
             label_column=config.label_column,
         )
     model, processor, from_scratch = build_model(config, data, source)
+    if isinstance(source, str) and source != config.model:  # a transformers DINOv2 directory, converted first
+        from ..conversion import interpolation_summary
+
+        accelerator.print(
+            f"Converted {config.model}: position embeddings "
+            f"{interpolation_summary('transformers', model.config, config.model)}; to fine-tune with the other one, "
+            "convert first with scripts/convert.py."
+        )
     summary = prepare_model_for_training(model, config)
     if config.image_size is not None:
         patch = model.config.patch_size
