@@ -43,6 +43,7 @@ def test_find_register_neurons_writes_a_loadable_model(tmp_path, capsys):
     _saved_model(tmp_path / "model")
     images = _images(tmp_path / "images")
     out = tmp_path / "with-ttr"
+    capsys.readouterr()  # the setup's own saving
     code = main(
         [
             "find-register-neurons",
@@ -62,6 +63,8 @@ def test_find_register_neurons_writes_a_loadable_model(tmp_path, capsys):
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert "notes.txt" in captured.err  # the unreadable file is reported and skipped
+    # no third-party bars around the local model: only the command's own output
+    assert "Loading weights" not in captured.err and "Writing model shards" not in captured.err
     report = json.loads((out / "register_neurons.json").read_text())
     assert sum(len(units) for units in report["neurons"].values()) == 6 and report["images_seen"] == 5
     assert all(int(layer) <= 1 for layer in report["neurons"])  # highest layer defaults to the detection layer (1)

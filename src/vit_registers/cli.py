@@ -516,7 +516,10 @@ def run_find_register_neurons(args: argparse.Namespace) -> int:
         model, found, num_tokens=args.num_tokens, mode=args.mode, normal_values=args.normal_values, scale=scale
     )
     args.output_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(args.output_dir)
+    from ._quiet import quiet_transformers
+
+    with quiet_transformers():  # transformers' "Writing model shards" bar: noise next to the command's own result
+        model.save_pretrained(args.output_dir)
     processor.save_pretrained(args.output_dir)
     report = {
         "model": args.model,

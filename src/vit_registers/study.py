@@ -61,8 +61,11 @@ def study_model(
 
     import vit_registers  # noqa: F401  (Auto classes)
 
+    from .analysis.loading import without_loading_bar
+
     dataset, path = Path(dataset), str(path)
-    classifier = AutoModelForImageClassification.from_pretrained(path).eval()
+    with without_loading_bar(path):  # a local directory: its loading bar is noise in the study's output
+        classifier = AutoModelForImageClassification.from_pretrained(path).eval()
     processor = AutoImageProcessor.from_pretrained(path)
     config = classifier.config
     rows = _split_rows(dataset, split)[:limit]
