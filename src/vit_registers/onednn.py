@@ -293,22 +293,6 @@ def _onednn_path_available(hidden_states: torch.Tensor) -> bool:
     return not (module_hooks._global_forward_hooks or module_hooks._global_forward_pre_hooks)
 
 
-def _onednn_path_available(hidden_states: torch.Tensor) -> bool:
-    """Whether a block may take the oneDNN path for `hidden_states` (the conditions that do not depend on the block)."""
-    if _ONEDNN_LINEAR is None or not torch.backends.mkldnn.enabled:
-        return False
-    if hidden_states.device.type != "cpu" or hidden_states.dtype != torch.float32:
-        return False
-    if torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_exporting():
-        return False  # exported and traced graphs stay with portable ATen ops
-    if torch.compiler.is_compiling() and torch.is_grad_enabled():
-        return False  # compiled training: AOTAutograd differentiates the plain ops and fuses on its own
-    if torch.is_autocast_enabled("cpu"):
-        return False
-    module_hooks = torch.nn.modules.module
-    return not (module_hooks._global_forward_hooks or module_hooks._global_forward_pre_hooks)
-
-
 def products(layer: ViTRegistersLayer) -> tuple[nn.Module, ...]:
     """A block's four matrix products (qkv, proj, fc1, fc2): what the oneDNN path runs and `prepack_weights` packs."""
     return layer.attention.qkv, layer.attention.proj, layer.mlp.fc1, layer.mlp.fc2
