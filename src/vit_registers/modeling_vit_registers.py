@@ -486,13 +486,6 @@ class ViTRegistersPooler(nn.Module):
         return f"pooling={self.pooling!r}"
 
 
-def _new_file_mode() -> int:
-    """The permission bits `open()` gives a new file: 0o666 minus the process umask."""
-    umask = os.umask(0o077)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
 class ViTRegistersPreTrainedModel(PreTrainedModel):
     config_class = ViTRegistersConfig
     config: ViTRegistersConfig
@@ -512,12 +505,13 @@ class ViTRegistersPreTrainedModel(PreTrainedModel):
         super().__init__(config, *inputs, **kwargs)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        """`PreTrainedModel.save_pretrained`, then the weight files get the mode `open()` gives any new file (0644
-        under the usual umask 022), like `config.json` next to them: safetensors >= 0.8 writes a temporary file
+        """`PreTrainedModel.save_pretrained`, then the weight files get the mode of `config.json` next to them (what
+        `open()` gives a new file: 0644 under the usual umask 022): safetensors >= 0.8 writes a temporary file
         (created 0600) and renames it into place, so the weights would otherwise be readable by their owner only."""
         result = super().save_pretrained(save_directory, *args, **kwargs)
-        if kwargs.get("is_main_process", True) and os.path.isdir(save_directory):
-            mode = _new_file_mode()
+        config_file = os.path.join(save_directory, "config.json")
+        if kwargs.get("is_main_process", True) and os.path.isfile(config_file):
+            mode = os.stat(config_file).st_mode & 0o777
             for name in os.listdir(save_directory):
                 if name.startswith("model") and name.endswith(".safetensors"):  # model[-0000k-of-0000n].safetensors
                     os.chmod(os.path.join(save_directory, name), mode)

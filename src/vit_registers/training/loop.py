@@ -27,7 +27,6 @@ from pathlib import Path
 import torch
 
 from .._quiet import quiet_transformers
-from ..modeling_vit_registers import _new_file_mode
 from .data import (
     ClassificationData,
     DataError,
@@ -362,7 +361,8 @@ def _save_checkpoint(accelerator, output_dir: str, step: int, log: dict) -> Path
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (partial / "training_state.json").write_text(json.dumps({"completed_steps": step, "log": log}))
-        mode = _new_file_mode()  # safetensors writes 0600 (a renamed temporary file); the rest follows the umask
+        # safetensors writes 0600 (a renamed temporary file): the weights get the mode of the state file written here
+        mode = (partial / "training_state.json").stat().st_mode & 0o777
         for weights in partial.rglob("*.safetensors"):
             weights.chmod(mode)
         shutil.rmtree(final, ignore_errors=True)
