@@ -65,13 +65,10 @@ def _reset_accelerate():
 
 
 def _run_inprocess(argv, capsys):
-    """Run the script's `main` in this process (fresh Accelerate state: each run may ask for other settings)."""
-    _reset_accelerate()
-    try:
-        code = _script_module().main([str(a) for a in argv])
-    finally:
-        _reset_accelerate()
-    return code, capsys.readouterr().err
+    """Run the script's `main` in this process (fresh Accelerate state: each run may ask for other settings);
+    `(exit code, stderr)`."""
+    code, _, err = _run_inprocess_with_output(argv, capsys)
+    return code, err
 
 
 def _run(argv, tmp_path, launcher=(sys.executable,), **env):
@@ -745,7 +742,7 @@ def test_transformers_dinov2_checkpoint_is_converted_then_finetuned(tmp_path, ca
 
 
 def _run_inprocess_with_output(argv, capsys):
-    """`_run_inprocess`, also returning what the script printed to stdout."""
+    """The script's `main` in this process with a fresh Accelerate state: `(exit code, stdout, stderr)`."""
     _reset_accelerate()
     try:
         code = _script_module().main([str(a) for a in argv])
