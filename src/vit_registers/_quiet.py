@@ -14,19 +14,31 @@ from collections.abc import Iterator
 
 
 @contextlib.contextmanager
+def transformers_bars_off() -> Iterator[None]:
+    """transformers' progress bars off inside the block; restored after."""
+    from transformers.utils import logging
+
+    bars = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if bars:
+            logging.enable_progress_bar()
+
+
+@contextlib.contextmanager
 def quiet_transformers() -> Iterator[None]:
     """transformers' progress bars off and its logging at error level inside the block; both restored after."""
     from transformers.utils import logging
 
-    bars, verbosity = logging.is_progress_bar_enabled(), logging.get_verbosity()
-    logging.disable_progress_bar()
+    verbosity = logging.get_verbosity()
     logging.set_verbosity_error()
     try:
-        yield
+        with transformers_bars_off():
+            yield
     finally:
         logging.set_verbosity(verbosity)
-        if bars:
-            logging.enable_progress_bar()
 
 
 @contextlib.contextmanager

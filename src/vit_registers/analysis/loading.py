@@ -42,16 +42,10 @@ def without_loading_bar(name_or_path: str):
     """Around a `from_pretrained(name_or_path)`: transformers draws a "Loading weights" bar on every call, noise in a
     command's output for a local directory (the embedded models load in milliseconds). Downloads from the Hub keep
     their bars."""
-    from transformers.utils import logging
+    from .._quiet import transformers_bars_off
 
-    if not os.path.isdir(name_or_path) or not logging.is_progress_bar_enabled():
+    with transformers_bars_off() if os.path.isdir(name_or_path) else contextlib.nullcontext():
         yield
-        return
-    logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        logging.enable_progress_bar()
 
 
 def load_model(name_or_path: str, device: str | None = None):
