@@ -17,7 +17,10 @@ except ImportError:  # transformers 4.x
     from transformers.utils.backbone_utils import BackboneConfigMixin
 
 
-POOLING_CHOICES = ("cls", "mean", "cls_mean")
+POOLING_CHOICES = ("cls", "mean", "cls_mean", "map")
+POSITION_ENCODINGS = ("learned", "rope")
+ROPE_TYPES = ("dinov3", "eva")
+ROPE_COORDINATE_NORMALIZATIONS = ("separate", "min", "max")
 # Written into every config.json so that each Auto class loads through `trust_remote_code` without the package.
 AUTO_MAP = {
     "AutoConfig": "configuration_vit_registers.ViTRegistersConfig",
@@ -95,13 +98,17 @@ class ViTRegistersConfig(BackboneConfigMixin, PretrainedConfig):
             `check_consistency`).
         mlp_ratio (`float`, defaults to 4.0):
             MLP width as a multiple of `hidden_size`, used when `intermediate_size` is not given. For SwiGLU the
-            official DINOv2 rule applies: `(int(hidden_size * mlp_ratio * 2 / 3) + 7) // 8 * 8`.
+            official DINOv2 / DINOv3 rule applies: `d = int(hidden_size * mlp_ratio * 2 / 3)` rounded up to a multiple
+            of `mlp_align_to`.
         intermediate_size (`int`, *optional*):
             Explicit MLP hidden width (for SwiGLU: the width of the gated hidden layer). Overrides `mlp_ratio`.
         hidden_act (`str`, defaults to `"gelu"`):
             Activation of the plain MLP (any key of `transformers.activations.ACT2FN`). SwiGLU always uses SiLU.
         mlp_type (`str`, defaults to `"mlp"`):
             `"mlp"` (fc1 → act → fc2) or `"swiglu"` (DINOv2-g: fc1 packs gate and value, silu(gate) * value → fc2).
+        mlp_align_to (`int`, defaults to 8):
+            SwiGLU only: the gated width derived from `mlp_ratio` is rounded up to a multiple of this (DINOv2 and
+            DINOv3 `swiglu`: 8; DINOv3-7B `swiglu64`: 64).
         layerscale_value (`float`, *optional*, defaults to 1.0):
             Initial value of LayerScale (Touvron et al., CaiT). `None` removes LayerScale from the blocks.
         qkv_bias (`bool`, defaults to `True`):
@@ -124,6 +131,34 @@ class ViTRegistersConfig(BackboneConfigMixin, PretrainedConfig):
         cls_token_has_position_embedding (`bool`, defaults to `True`):
             `True`: 1 + N position embeddings are stored and the CLS token gets the first (official DINOv2,
             transformers). `False`: N are stored, only patches get one (timm `no_embed_class`, DeiT-III).
+        register_tokens_have_position_embedding (`bool`, defaults to `False`):
+            `True`: the stored position embeddings also cover the registers (timm's `vit_so150m*_reg*` models: one
+            embedding per prefix token, then the patches). With a CLS token this needs
+            `cls_token_has_position_embedding=True` (the prefix tokens are covered together, as in timm).
+        position_encoding (`str`, defaults to `"learned"`):
+            `"learned"`: learned absolute position embeddings added to the patch embeddings (DINOv2, DeiT-III, timm
+            ViTs). `"rope"`: no position embeddings; rotary position encoding (2D, axial) of the queries and keys of
+            the patch tokens in every attention layer (DINOv3, timm's `*_rope_*` EVA models). CLS, registers and
+            test-time registers are never rotated.
+        rope_type (`str`, defaults to `"dinov3"`):
+            `"dinov3"`: patch-centre coordinates normalised to [-1, 1] (`rope_normalize_coords`), angles
+            `2π · coordinate / period` with periods `rope_theta ** (i / (head_dim / 4))`, rotation of the two
+            halves of each head (DINOv3, transformers `DINOv3ViTModel`). `"eva"`: timm's `RotaryEmbeddingCat` —
+            integer patch indices (scaled to `rope_reference_grid` when set), frequencies
+            `rope_theta ** (-i / (head_dim / 4))`, rotation of interleaved pairs.
+        rope_theta (`float`, defaults to 100.0):
+            Base of the rotary frequencies: DINOv3 100, timm EVA 10000.
+        rope_min_period / rope_max_period (`float`, *optional*):
+            DINOv3 only: periods spaced geometrically from min to max instead of from `rope_theta`.
+        rope_normalize_coords (`str`, defaults to `"separate"`):
+            DINOv3 only: divide each axis by its own size (`"separate"`), by the smaller (`"min"`) or the larger
+            (`"max"`) side.
+        rope_shift_coords / rope_jitter_coords / rope_rescale_coords (`float`, *optional*):
+            DINOv3's train-time coordinate augmentation, in train mode only (eval is deterministic): a uniform shift
+            in [-s, s] per axis, a log-uniform factor in [1/j, j] per axis, one log-uniform factor in [1/r, r]
+            (DINOv3 trains with `rescale=2`). Drawn from torch's global generator (`torch.manual_seed` repeats them).
+        rope_reference_grid (`tuple[int, int]`, *optional*):
+            `"eva"` only: the grid the model was trained at (timm `ref_feat_shape`); other grids are scaled to it.
         interpolate_antialias (`bool`, defaults to `True`):
             Antialiasing of the bicubic position-embedding resampling. Official register models: on; official
             models without registers: off.
@@ -138,7 +173,9 @@ class ViTRegistersConfig(BackboneConfigMixin, PretrainedConfig):
             LayerNorm after mean pooling (timm `fc_norm`). Applies to the `"mean"` part of `pooling`.
         pooling (`str`, defaults to `"cls"`):
             What `pooler_output` and the classifier see: `"cls"` (the CLS token), `"mean"` (mean of the patch
-            tokens) or `"cls_mean"` (both concatenated, as in DINOv2's linear head). Registers are never pooled.
+            tokens), `"cls_mean"` (both concatenated, as in DINOv2's linear head) or `"map"` (timm's attention pool:
+            one learned latent query attends to the patch tokens, then a residual MLP; it has weights, `pooler.*`).
+            Registers are never pooled.
         test_time_registers (`dict`, *optional*):
             Test-time registers (Jiang et al. 2025): `{"num_tokens": int, "neurons": {layer: [unit, ...]}, "mode":
             str, "normal_values": str, "scale": float or list}` (built by `make_test_time_register_spec`). `num_tokens`
@@ -179,6 +216,7 @@ class ViTRegistersConfig(BackboneConfigMixin, PretrainedConfig):
         intermediate_size: int | None = None,
         hidden_act: str = "gelu",
         mlp_type: str = "mlp",
+        mlp_align_to: int = 8,
         layerscale_value: float | None = 1.0,
         qkv_bias: bool = True,
         layer_norm_eps: float = 1e-6,
@@ -189,6 +227,17 @@ class ViTRegistersConfig(BackboneConfigMixin, PretrainedConfig):
         num_register_tokens: int = 4,
         use_cls_token: bool = True,
         cls_token_has_position_embedding: bool = True,
+        register_tokens_have_position_embedding: bool = False,
+        position_encoding: str = "learned",
+        rope_type: str = "dinov3",
+        rope_theta: float = 100.0,
+        rope_min_period: float | None = None,
+        rope_max_period: float | None = None,
+        rope_normalize_coords: str = "separate",
+        rope_shift_coords: float | None = None,
+        rope_jitter_coords: float | None = None,
+        rope_rescale_coords: float | None = None,
+        rope_reference_grid: list[int] | None = None,
         interpolate_antialias: bool = True,
         interpolate_offset: float = 0.0,
         use_mask_token: bool = True,
@@ -212,6 +261,7 @@ class ViTRegistersConfig(BackboneConfigMixin, PretrainedConfig):
         self.intermediate_size = intermediate_size
         self.hidden_act = hidden_act
         self.mlp_type = mlp_type
+        self.mlp_align_to = mlp_align_to
         self.layerscale_value = layerscale_value
         self.qkv_bias = qkv_bias
         self.layer_norm_eps = layer_norm_eps
@@ -222,6 +272,17 @@ class ViTRegistersConfig(BackboneConfigMixin, PretrainedConfig):
         self.num_register_tokens = num_register_tokens
         self.use_cls_token = use_cls_token
         self.cls_token_has_position_embedding = cls_token_has_position_embedding
+        self.register_tokens_have_position_embedding = register_tokens_have_position_embedding
+        self.position_encoding = position_encoding
+        self.rope_type = rope_type
+        self.rope_theta = rope_theta
+        self.rope_min_period = rope_min_period
+        self.rope_max_period = rope_max_period
+        self.rope_normalize_coords = rope_normalize_coords
+        self.rope_shift_coords = rope_shift_coords
+        self.rope_jitter_coords = rope_jitter_coords
+        self.rope_rescale_coords = rope_rescale_coords
+        self.rope_reference_grid = list(rope_reference_grid) if rope_reference_grid is not None else None
         self.interpolate_antialias = interpolate_antialias
         self.interpolate_offset = interpolate_offset
         self.use_mask_token = use_mask_token
@@ -251,8 +312,17 @@ class ViTRegistersConfig(BackboneConfigMixin, PretrainedConfig):
             return self.intermediate_size
         hidden = int(self.hidden_size * self.mlp_ratio)
         if self.mlp_type == "swiglu":
-            hidden = (int(hidden * 2 / 3) + 7) // 8 * 8
+            hidden = int(hidden * 2 / 3)
+            hidden += -hidden % self.mlp_align_to
         return hidden
+
+    @property
+    def num_position_prefix(self) -> int:
+        """Prefix tokens (CLS, registers) that have a stored position embedding, stored before the patches' ones."""
+        if self.position_encoding != "learned":
+            return 0
+        cls = int(self.use_cls_token and self.cls_token_has_position_embedding)
+        return cls + (self.num_register_tokens if self.register_tokens_have_position_embedding else 0)
 
     @property
     def num_prefix_tokens(self) -> int:
@@ -337,6 +407,26 @@ class ViTRegistersConfig(BackboneConfigMixin, PretrainedConfig):
             _fail(f"`mlp_type` must be one of {MLP_CHOICES}, got {self.mlp_type!r}.")
         if self.pooling not in POOLING_CHOICES:
             _fail(f"`pooling` must be one of {POOLING_CHOICES}, got {self.pooling!r}.")
+        for name, value, choices in (
+            ("position_encoding", self.position_encoding, POSITION_ENCODINGS),
+            ("rope_type", self.rope_type, ROPE_TYPES),
+            ("rope_normalize_coords", self.rope_normalize_coords, ROPE_COORDINATE_NORMALIZATIONS),
+        ):
+            if value not in choices:
+                _fail(f"`{name}` must be one of {choices}, got {value!r}.")
+        for name in ("rope_theta", "rope_min_period", "rope_max_period", "rope_jitter_coords", "rope_rescale_coords"):
+            value = getattr(self, name)
+            if value is not None and (not _is_number(value) or value <= 0):
+                _fail(f"`{name}` must be a number > 0{'' if name == 'rope_theta' else ' or None'}, got {value!r}.")
+        if self.rope_shift_coords is not None and (
+            not _is_number(self.rope_shift_coords) or self.rope_shift_coords < 0
+        ):
+            _fail(f"`rope_shift_coords` must be a number >= 0 or None, got {self.rope_shift_coords!r}.")
+        grid = self.rope_reference_grid
+        if grid is not None and (len(grid) != 2 or any(not _is_number(side) or side <= 0 for side in grid)):
+            _fail(f"`rope_reference_grid` must be None or two sizes > 0 (rows, columns), got {grid!r}.")
+        if not _is_integer(self.mlp_align_to) or self.mlp_align_to < 1:
+            _fail(f"`mlp_align_to` must be an integer >= 1, got {self.mlp_align_to!r}.")
         if self.mlp_ratio is not None and self.mlp_ratio <= 0:
             _fail(f"`mlp_ratio` must be > 0, got {self.mlp_ratio!r}.")
         for name in ("drop_path_rate", "hidden_dropout_prob", "attention_probs_dropout_prob"):
@@ -392,12 +482,27 @@ class ViTRegistersConfig(BackboneConfigMixin, PretrainedConfig):
         sizes = self.image_size if isinstance(self.image_size, list) else [self.image_size]
         if any(size < self.patch_size for size in sizes):
             _fail(f"`image_size` {self.image_size!r} must be at least `patch_size` ({self.patch_size}) on each side.")
-        if not self.use_cls_token and self.pooling != "mean":
+        if not self.use_cls_token and self.pooling not in ("mean", "map"):
             _fail(
-                f"`pooling={self.pooling!r}` needs a CLS token; models without one (use_cls_token=False) pool 'mean'."
+                f"`pooling={self.pooling!r}` needs a CLS token; models without one (use_cls_token=False) pool 'mean' "
+                "or 'map'."
             )
         if not self.use_cls_token and self.cls_token_has_position_embedding:
             _fail("`cls_token_has_position_embedding=True` needs `use_cls_token=True`.")
+        if self.register_tokens_have_position_embedding:
+            if self.position_encoding != "learned":
+                _fail("`register_tokens_have_position_embedding=True` needs `position_encoding='learned'`.")
+            if self.use_cls_token and not self.cls_token_has_position_embedding:
+                _fail(
+                    "`register_tokens_have_position_embedding=True` with a CLS token needs "
+                    "`cls_token_has_position_embedding=True` (the prefix tokens share the stored embeddings)."
+                )
+        if self.position_encoding == "rope":
+            head_dim = self.hidden_size // self.num_attention_heads
+            if head_dim % 4:
+                _fail(f"`position_encoding='rope'` needs a head size divisible by 4, got {head_dim}.")
+            if (self.rope_min_period is None) != (self.rope_max_period is None):
+                _fail("`rope_min_period` and `rope_max_period` are given together (or neither).")
         for layer, units in ((self.test_time_registers or {}).get("neurons") or {}).items():
             if not 0 <= int(layer) < self.num_hidden_layers:
                 _fail(f"test-time register neurons name layer {layer}, the model has {self.num_hidden_layers}.")

@@ -1,13 +1,14 @@
 """PyTorch Vision Transformer with register tokens (Darcet et al., "Vision Transformers Need Registers", ICLR 2024).
 
 Sequence layout in every layer: ``[CLS] + registers + patches (+ test-time registers)``. The registers are learnable
-tokens without position embedding that every block processes and that the outputs return separately
+tokens (DINOv3 calls them storage tokens) that every block processes and that the outputs return separately
 (`register_tokens`) instead of hiding them in `last_hidden_state`.
 
-The model is composed of small components, each chosen by a config value: patch embedding, learned position
-embeddings (resampled to any grid by `resample_position_embeddings`), attention (through transformers' attention
+The model is composed of small components, each chosen by a config value: patch embedding, the position encoding
+(`position_encoding`: learned embeddings resampled to any grid by `resample_position_embeddings`, or 2D rotary
+encoding of the patch queries and keys, `ViTRegistersRotaryEmbedding`), attention (through transformers' attention
 interface), feed-forward (`mlp_type`: MLP or SwiGLU), LayerScale, drop path, the test-time-register edit, the block,
-and the pooling (`pooling`).
+and the pooling (`pooling`, including timm's attention pool).
 
 This file is copied next to the weights by ``save_pretrained`` so that ``trust_remote_code=True`` works without the
 package: it imports only torch (public APIs), transformers, the standard library and its sibling configuration file.
@@ -17,6 +18,7 @@ Device-specific speed-ups live outside it: the block is marked for transformers'
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -143,7 +145,9 @@ def resample_position_embeddings(
 
 
 class ViTRegistersEmbeddings(nn.Module):
-    """Patch embeddings + position embeddings, then the CLS token and the register tokens (no position embedding)."""
+    """Patch embeddings (+ learned position embeddings), after the CLS token and the register tokens. Prefix tokens get
+    a stored embedding where the config says so (`cls_token_has_position_embedding`,
+    `register_tokens_have_position_embedding`); with `position_encoding="rope"` there are none."""
 
     def __init__(self, config: ViTRegistersConfig):
         super().__init__()
@@ -156,9 +160,10 @@ class ViTRegistersEmbeddings(nn.Module):
             nn.Parameter(torch.zeros(1, config.num_register_tokens, hidden)) if config.num_register_tokens else None
         )
         self.mask_token = nn.Parameter(torch.zeros(1, 1, hidden)) if config.use_mask_token else None
-        self.num_position_prefix = int(config.cls_token_has_position_embedding)
+        self.num_position_prefix = config.num_position_prefix
         num_positions = self.grid_size[0] * self.grid_size[1] + self.num_position_prefix
-        self.position_embeddings = nn.Parameter(torch.zeros(1, num_positions, hidden))
+        learned = config.position_encoding == "learned"
+        self.position_embeddings = nn.Parameter(torch.zeros(1, num_positions, hidden)) if learned else None
         self.num_test_time_registers = config.num_test_time_registers
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
@@ -190,21 +195,103 @@ class ViTRegistersEmbeddings(nn.Module):
                 )
             embeddings = torch.where(mask, self.mask_token.to(embeddings.dtype), embeddings)
         patch_size = self.config.patch_size
-        embeddings = embeddings + self.interpolate_pos_encoding(height // patch_size, width // patch_size)
+        if self.position_embeddings is not None:
+            embeddings = embeddings + self.interpolate_pos_encoding(height // patch_size, width // patch_size)
 
-        prefix = []
-        if self.cls_token is not None:
-            cls_token = self.cls_token
-            if self.num_position_prefix:
-                cls_token = cls_token + self.position_embeddings[:, :1]
-            prefix.append(cls_token.expand(batch_size, -1, -1))
-        if self.register_tokens is not None:
-            prefix.append(self.register_tokens.expand(batch_size, -1, -1))
+        prefix = [token for token in (self.cls_token, self.register_tokens) if token is not None]
+        if prefix:
+            tokens = torch.cat(prefix, dim=1)  # (1, CLS + registers, hidden)
+            covered = self.num_position_prefix  # the first `covered` prefix tokens have a stored embedding
+            if covered:
+                stored = tokens[:, :covered] + self.position_embeddings[:, :covered]
+                tokens = torch.cat([stored, tokens[:, covered:]], dim=1)
+            prefix = [tokens.expand(batch_size, -1, -1)]
         suffix = []
         if self.num_test_time_registers:
             suffix.append(embeddings.new_zeros(batch_size, self.num_test_time_registers, embeddings.shape[-1]))
         embeddings = torch.cat([*prefix, embeddings, *suffix], dim=1)
         return self.dropout(embeddings)
+
+
+class ViTRegistersRotaryEmbedding(nn.Module):
+    """2D axial rotary position encoding (`position_encoding="rope"`): `(sin, cos)`, each `(rows * columns, head_dim)`
+    in float32, for a patch grid. The first half of the frequencies encodes the row, the second the column.
+
+    `rope_type="dinov3"` (DINOv3): patch centres normalised to [-1, 1], angles `2π · coordinate / period`, laid out
+    for rotating the two halves of a head; in train mode the coordinates are augmented (`rope_shift_coords`,
+    `rope_jitter_coords`, `rope_rescale_coords`). `"eva"` (timm `RotaryEmbeddingCat`): integer patch indices scaled
+    to `rope_reference_grid`, angles `index · rope_theta ** (-i / bands)`, laid out for interleaved pairs. No weights:
+    everything is computed from the config and the grid, so `torch.export` keeps the grid symbolic.
+    """
+
+    def __init__(self, config: ViTRegistersConfig):
+        super().__init__()
+        self.config = config
+        self.bands = config.hidden_size // config.num_attention_heads // 4  # frequencies per axis
+
+    def coordinates(self, rows: int, columns: int, device: torch.device | None = None) -> torch.Tensor:
+        """Patch coordinates `(rows * columns, 2)` as (row, column), in raster order."""
+        config = self.config
+        axes = [torch.arange(size, device=device, dtype=torch.float32) for size in (rows, columns)]
+        if config.rope_type == "eva":
+            if config.rope_reference_grid is not None:
+                axes = [
+                    axis / size * reference
+                    for axis, size, reference in zip(axes, (rows, columns), config.rope_reference_grid)
+                ]
+        else:
+            sizes = {"separate": (rows, columns), "min": (min(rows, columns),) * 2, "max": (max(rows, columns),) * 2}
+            axes = [(axis + 0.5) / size for axis, size in zip(axes, sizes[config.rope_normalize_coords])]
+        coords = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).flatten(0, 1)
+        if config.rope_type == "eva":
+            return coords
+        coords = 2.0 * coords - 1.0
+        if self.training:  # DINOv3's augmentation: shift, then jitter per axis, then one rescale factor
+            if config.rope_shift_coords is not None:
+                shift = config.rope_shift_coords
+                coords = coords + torch.empty(2, device=device).uniform_(-shift, shift)
+            if config.rope_jitter_coords is not None:
+                jitter = math.log(config.rope_jitter_coords)
+                coords = coords * torch.empty(2, device=device).uniform_(-jitter, jitter).exp()
+            if config.rope_rescale_coords is not None:
+                rescale = math.log(config.rope_rescale_coords)
+                coords = coords * torch.empty(1, device=device).uniform_(-rescale, rescale).exp()
+        return coords
+
+    def forward(self, rows: int, columns: int, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        config, bands = self.config, self.bands
+        coords = self.coordinates(rows, columns, device)[:, :, None]  # (patches, 2, 1)
+        if config.rope_type == "eva":
+            frequencies = 1.0 / config.rope_theta ** (torch.arange(bands, device=device, dtype=torch.float32) / bands)
+            angles = (coords * frequencies).flatten(1).repeat_interleave(2, dim=-1)
+        else:
+            if config.rope_min_period is not None:
+                ratio = config.rope_max_period / config.rope_min_period
+                exponents = torch.linspace(0, 1, bands, device=device, dtype=torch.float32)
+                periods = ratio**exponents / ratio * config.rope_max_period
+            else:
+                periods = config.rope_theta ** (
+                    2 * torch.arange(bands, device=device, dtype=torch.float32) / (2 * bands)
+                )
+            angles = (2 * math.pi * coords / periods).flatten(1).tile(2)
+        return angles.sin(), angles.cos()
+
+
+def rotate_patch_tokens(
+    states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor], start: int, interleaved: bool
+) -> torch.Tensor:
+    """Rotary encoding of the patch tokens of `states` `(batch, heads, tokens, head_dim)`: tokens `start` to
+    `start + patches` are rotated by `(sin, cos)` in float32; CLS, registers and test-time registers are not."""
+    sin, cos = position_embeddings
+    end = start + sin.shape[0]
+    patches = states[:, :, start:end].float()
+    if interleaved:  # pairs (0, 1), (2, 3), ... as timm's EVA
+        rotated = torch.stack((-patches[..., 1::2], patches[..., ::2]), dim=-1).flatten(-2)
+    else:  # halves: dimension i with i + head_dim / 2, as DINOv3
+        first, second = patches.chunk(2, dim=-1)
+        rotated = torch.cat((-second, first), dim=-1)
+    patches = (patches * cos + rotated * sin).to(states.dtype)
+    return torch.cat([states[:, :, :start], patches, states[:, :, end:]], dim=2)
 
 
 def eager_attention_forward(
@@ -246,17 +333,29 @@ class ViTRegistersAttention(nn.Module):
         self.proj_dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(
-        self, hidden_states: torch.Tensor, output_attentions: bool = False
+        self,
+        hidden_states: torch.Tensor,
+        output_attentions: bool = False,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        output, weights = self.attend(self.qkv(hidden_states), output_attentions)
+        output, weights = self.attend(self.qkv(hidden_states), output_attentions, position_embeddings)
         return self.proj_dropout(self.proj(output)), weights
 
-    def attend(self, qkv: torch.Tensor, output_attentions: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def attend(
+        self,
+        qkv: torch.Tensor,
+        output_attentions: bool = False,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Attention of the fused projection `qkv` `(batch, tokens, 3 * hidden)`: the heads' outputs, merged to
-        `(batch, tokens, hidden)`, before `proj`; and the weights when `output_attentions`."""
+        `(batch, tokens, hidden)`, before `proj`; and the weights when `output_attentions`. `position_embeddings`:
+        the rotary `(sin, cos)` of the patch grid (`ViTRegistersRotaryEmbedding`), applied to queries and keys."""
         batch_size, num_tokens, _ = qkv.shape
         qkv = qkv.reshape(batch_size, num_tokens, 3, self.num_heads, self.head_dim)
         query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        if position_embeddings is not None:
+            start, interleaved = self.config.num_prefix_tokens, self.config.rope_type == "eva"
+            query, key = (rotate_patch_tokens(t, position_embeddings, start, interleaved) for t in (query, key))
         if output_attentions:  # weights asked for this layer: the eager path computes them, other layers stay fast
             attention = eager_attention_forward
         else:
@@ -421,9 +520,12 @@ class ViTRegistersLayer(GradientCheckpointingLayer):
         self.layer_scale2 = ViTRegistersLayerScale(config) if use_scale else nn.Identity()
 
     def forward(
-        self, hidden_states: torch.Tensor, output_attentions: bool = False
+        self,
+        hidden_states: torch.Tensor,
+        output_attentions: bool = False,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        attended, weights = self.attention(self.norm1(hidden_states), output_attentions)
+        attended, weights = self.attention(self.norm1(hidden_states), output_attentions, position_embeddings)
         hidden_states = hidden_states + self.drop_path(self.layer_scale1(attended))
         del attended  # free the attention output before the MLP, where activation memory peaks
         mlp_output = self.mlp(self.norm2(hidden_states))
@@ -455,11 +557,12 @@ class ViTRegistersEncoder(nn.Module):
         hidden_states: torch.Tensor,
         output_hidden_states: bool = False,
         attention_layers: frozenset[int] = frozenset(),
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, tuple | None, tuple | None]:
         all_hidden = (hidden_states,) if output_hidden_states else None
         attentions = () if attention_layers else None
         for index, layer in enumerate(self.layer):
-            hidden_states, weights = layer(hidden_states, index in attention_layers)
+            hidden_states, weights = layer(hidden_states, index in attention_layers, position_embeddings)
             if weights is not None:
                 attentions += (weights,)
             if output_hidden_states:
@@ -484,6 +587,31 @@ class ViTRegistersPooler(nn.Module):
 
     def extra_repr(self) -> str:
         return f"pooling={self.pooling!r}"
+
+
+class ViTRegistersAttentionPool(nn.Module):
+    """`pooling="map"` (timm's `AttentionPoolLatent`, the MAP head of SigLIP): one learned latent query attends to the
+    patch tokens (all heads), then `proj` and a residual MLP after a LayerNorm. Registers are not attended to."""
+
+    def __init__(self, config: ViTRegistersConfig):
+        super().__init__()
+        hidden = config.hidden_size
+        self.num_heads, self.head_dim = config.num_attention_heads, hidden // config.num_attention_heads
+        self.latent = nn.Parameter(torch.zeros(1, 1, hidden))
+        self.q = nn.Linear(hidden, hidden)
+        self.kv = nn.Linear(hidden, 2 * hidden)
+        self.proj = nn.Linear(hidden, hidden)
+        self.norm = nn.LayerNorm(hidden, eps=config.layer_norm_eps)
+        self.mlp = ViTRegistersMLP(config, layer_index=-1)  # no block -1: never edited by test-time registers
+
+    def forward(self, cls_token: torch.Tensor | None, patch_tokens: torch.Tensor, fc_norm: nn.Module) -> torch.Tensor:
+        batch_size, num_patches, hidden = patch_tokens.shape
+        query = self.q(self.latent).reshape(1, self.num_heads, 1, self.head_dim).expand(batch_size, -1, -1, -1)
+        kv = self.kv(patch_tokens).reshape(batch_size, num_patches, 2, self.num_heads, self.head_dim)
+        key, value = kv.permute(2, 0, 3, 1, 4).unbind(0)
+        pooled, _ = eager_attention_forward(self, query, key, value, None, scaling=self.head_dim**-0.5)
+        pooled = self.proj(pooled.reshape(batch_size, hidden))
+        return pooled + self.mlp(self.norm(pooled))
 
 
 class ViTRegistersPreTrainedModel(PreTrainedModel):
@@ -529,7 +657,8 @@ class ViTRegistersPreTrainedModel(PreTrainedModel):
             init.ones_(module.weight)
             init.zeros_(module.bias)
         elif isinstance(module, ViTRegistersEmbeddings):
-            init.trunc_normal_(module.position_embeddings, mean=0.0, std=std)
+            if module.position_embeddings is not None:
+                init.trunc_normal_(module.position_embeddings, mean=0.0, std=std)
             for token in (module.cls_token, module.register_tokens):
                 if token is not None:
                     init.trunc_normal_(token, mean=0.0, std=std)
@@ -537,6 +666,8 @@ class ViTRegistersPreTrainedModel(PreTrainedModel):
                 init.zeros_(module.mask_token)
         elif isinstance(module, ViTRegistersLayerScale):
             init.constant_(module.gamma, self.config.layerscale_value)
+        elif isinstance(module, ViTRegistersAttentionPool):
+            init.trunc_normal_(module.latent, mean=0.0, std=module.latent.shape[-1] ** -0.5)
 
 
 class ViTRegistersModel(ViTRegistersPreTrainedModel):
@@ -552,7 +683,8 @@ class ViTRegistersModel(ViTRegistersPreTrainedModel):
         self.fc_norm = (
             nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if config.use_fc_norm else nn.Identity()
         )
-        self.pooler = ViTRegistersPooler(config)
+        self.pooler = ViTRegistersAttentionPool(config) if config.pooling == "map" else ViTRegistersPooler(config)
+        self.rope_embeddings = ViTRegistersRotaryEmbedding(config) if config.position_encoding == "rope" else None
         self.post_init()
 
     def get_input_embeddings(self) -> ViTRegistersPatchEmbeddings:
@@ -607,7 +739,12 @@ class ViTRegistersModel(ViTRegistersPreTrainedModel):
         chosen = frozenset(resolve_layer_indices(attention_layers, depth)) if output_attentions else frozenset()
 
         embeddings = self.embeddings(pixel_values, bool_masked_pos=bool_masked_pos)
-        last, hidden_states, attentions = self.encoder(embeddings, output_hidden_states, chosen)
+        rotary = None
+        if self.rope_embeddings is not None:
+            patch = self.config.patch_size
+            height, width = pixel_values.shape[-2:]
+            rotary = self.rope_embeddings(height // patch, width // patch, device=embeddings.device)
+        last, hidden_states, attentions = self.encoder(embeddings, output_hidden_states, chosen, rotary)
         sequence = self.layernorm(last)
         cls_token, register_tokens, patch_tokens = self.split_tokens(sequence)
         return ViTRegistersModelOutput(

@@ -364,7 +364,10 @@ def _mlp_hidden_units(mlp: ViTRegistersMLP, hidden_states: torch.Tensor, plain: 
 
 
 def onednn_block_forward(
-    layer: ViTRegistersLayer, hidden_states: torch.Tensor, output_attentions: bool = False
+    layer: ViTRegistersLayer,
+    hidden_states: torch.Tensor,
+    output_attentions: bool = False,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The block with oneDNN products (the reference arithmetic up to float32 rounding). With gradients, in training
     mode or with a dropout or drop-path module drawing masks (Monte Carlo dropout in eval mode) see
@@ -372,11 +375,11 @@ def onednn_block_forward(
     below the policy's `min_inference_work` without prepacked weights, the products are ATen's with the activation
     and the residual in place after them."""
     if layer.training or torch.is_grad_enabled() or any(_drops(m) for m in _stochastic_modules(layer)):
-        return _training_block_forward(layer, hidden_states, output_attentions)
+        return _training_block_forward(layer, hidden_states, output_attentions, position_embeddings)
     attention, mlp = layer.attention, layer.mlp
     plain = hidden_states.numel() < onednn_policy().min_inference_work and attention.qkv not in _PACKED_WEIGHTS
     qkv = onednn_linear(layer.norm1(hidden_states), attention.qkv, plain=plain)
-    attended, weights = attention.attend(qkv, output_attentions)
+    attended, weights = attention.attend(qkv, output_attentions, position_embeddings)
     del qkv
     hidden_states = _inference_residual(hidden_states, attended.contiguous(), attention.proj, layer.layer_scale1, plain)
     del attended
@@ -386,7 +389,10 @@ def onednn_block_forward(
 
 
 def _training_block_forward(
-    layer: ViTRegistersLayer, hidden_states: torch.Tensor, output_attentions: bool = False
+    layer: ViTRegistersLayer,
+    hidden_states: torch.Tensor,
+    output_attentions: bool = False,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`onednn_block_forward` with gradients, in train mode or with active dropout: the reference arithmetic
     (dropout and drop path drawn in the same order) with oneDNN products, LayerScale folded into the output products'
@@ -394,7 +400,7 @@ def _training_block_forward(
     the residual added in their epilogue wherever no dropout or drop path draws a mask between them."""
     attention, mlp = layer.attention, layer.mlp
     qkv = onednn_linear(layer.norm1(hidden_states), attention.qkv)
-    attended, weights = attention.attend(qkv, output_attentions)
+    attended, weights = attention.attend(qkv, output_attentions, position_embeddings)
     del qkv
     hidden_states = _training_residual(
         layer, hidden_states, attended.contiguous(), attention.proj, layer.layer_scale1, attention.proj_dropout
@@ -442,15 +448,18 @@ class OneDNNViTRegistersLayer(nn.Module):
     has_backward = True
 
     def forward(
-        self, hidden_states: torch.Tensor, output_attentions: bool = False
+        self,
+        hidden_states: torch.Tensor,
+        output_attentions: bool = False,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         if getattr(self, "gradient_checkpointing", False) and self.training:
             # transformers' GradientCheckpointingLayer checkpoints the class's `forward`; one bound to the instance
             # has to do it itself, the same way (the layer's checkpoint function, positional tensors)
             return self._gradient_checkpointing_func(
-                partial(onednn_layer_forward, self), hidden_states, output_attentions
+                partial(onednn_layer_forward, self), hidden_states, output_attentions, position_embeddings
             )
-        return onednn_layer_forward(self, hidden_states, output_attentions)
+        return onednn_layer_forward(self, hidden_states, output_attentions, position_embeddings)
 
 
 # the reference block without GradientCheckpointingLayer's checkpointing wrapper (the kernel checkpoints itself)
@@ -458,12 +467,15 @@ _REFERENCE_FORWARD = inspect.unwrap(ViTRegistersLayer.forward)
 
 
 def onednn_layer_forward(
-    layer: ViTRegistersLayer, hidden_states: torch.Tensor, output_attentions: bool = False
+    layer: ViTRegistersLayer,
+    hidden_states: torch.Tensor,
+    output_attentions: bool = False,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`onednn_block_forward` where `can_use_onednn`, the reference forward elsewhere."""
     if can_use_onednn(layer, hidden_states):
-        return onednn_block_forward(layer, hidden_states, output_attentions)
-    return _REFERENCE_FORWARD(layer, hidden_states, output_attentions)
+        return onednn_block_forward(layer, hidden_states, output_attentions, position_embeddings)
+    return _REFERENCE_FORWARD(layer, hidden_states, output_attentions, position_embeddings)
 
 
 def _blocks(model: nn.Module) -> list[ViTRegistersLayer]:
