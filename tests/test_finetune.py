@@ -298,6 +298,34 @@ def test_add_register_tokens_with_and_without_cls(tmp_path):
     assert gap(pixels).logits.shape == (2, 2)
 
 
+def test_add_register_tokens_to_rope_models_and_refused_over_stored_register_positions():
+    torch.manual_seed(0)
+    rope = ViTRegistersForImageClassification(
+        ViTRegistersConfig(**TINY, num_register_tokens=4, position_encoding="rope", num_labels=2)
+    ).eval()
+    assert rope.vit_registers.embeddings.position_embeddings is None  # DINOv3 style: no stored position embeddings
+    assert add_register_tokens(rope, 6) == 2
+    with torch.no_grad():
+        outputs = rope.vit_registers(torch.randn(2, 3, 32, 32))
+    assert outputs.register_tokens.shape == (2, 6, 32) and outputs.patch_tokens.shape == (2, 16, 32)
+
+    covered = ViTRegistersForImageClassification(
+        ViTRegistersConfig(
+            **TINY,
+            num_register_tokens=4,
+            use_cls_token=False,
+            cls_token_has_position_embedding=False,
+            register_tokens_have_position_embedding=True,
+            pooling="mean",
+            num_labels=2,
+        )
+    )
+    assert covered.vit_registers.embeddings.position_embeddings.shape[1] == 4 + 16
+    with pytest.raises(ValueError, match="stored position embeddings"):
+        add_register_tokens(covered, 5)
+    assert covered.config.num_register_tokens == 4
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Bad input: clear one-line errors before training starts
 

@@ -37,8 +37,13 @@ def add_register_tokens(model: nn.Module, num_register_tokens: int, generator: t
     added = num_register_tokens - current
     if added == 0:
         return 0
+    if getattr(config, "register_tokens_have_position_embedding", False):
+        raise ValueError(
+            "this model's registers have stored position embeddings (register_tokens_have_position_embedding=True): "
+            "adding registers would need new position embeddings, which are not invented here."
+        )
     embeddings = base.embeddings
-    reference = embeddings.position_embeddings
+    reference = embeddings.patch_embeddings.projection.weight  # device and dtype of the new tokens
     std = float(config.initializer_range)
     noise = torch.empty(1, added, config.hidden_size, dtype=torch.float32)
     if generator is None:
