@@ -151,6 +151,14 @@ def test_fields_are_set_one_at_a_time_like_transformers_configs():
         (dict(layer_norm_eps=0.0), "`layer_norm_eps` must be > 0"),
         (dict(test_time_registers={"num_tokens": -1}), "`test_time_registers` must be a dict"),
         (dict(test_time_registers=[1]), "`test_time_registers` must be a dict"),
+        (dict(position_encoding="sincos"), "`position_encoding` must be one of"),
+        (dict(rope_type="mrope"), "`rope_type` must be one of"),
+        (dict(rope_normalize_coords="mean"), "`rope_normalize_coords` must be one of"),
+        (dict(rope_theta=0), "`rope_theta` must be a number > 0"),
+        (dict(rope_rescale_coords=-2.0), "`rope_rescale_coords` must be a number > 0 or None"),
+        (dict(rope_shift_coords=-0.1), "`rope_shift_coords` must be a number >= 0 or None"),
+        (dict(rope_reference_grid=[16]), "`rope_reference_grid` must be None or two sizes"),
+        (dict(mlp_align_to=0), "`mlp_align_to` must be an integer >= 1"),
     ],
 )
 def test_a_bad_single_value_raises_when_the_config_is_made(overrides, message):
@@ -170,6 +178,19 @@ INCONSISTENT = [
         "`pooling='cls'` needs a CLS token",
     ),
     (dict(use_cls_token=False, pooling="mean"), "`cls_token_has_position_embedding=True` needs `use_cls_token=True`"),
+    (
+        dict(position_encoding="rope", hidden_size=72, num_attention_heads=12),
+        "`position_encoding='rope'` needs a head size divisible by 4, got 6",
+    ),
+    (dict(position_encoding="rope", rope_min_period=0.5), "`rope_min_period` and `rope_max_period` are given together"),
+    (
+        dict(position_encoding="rope", register_tokens_have_position_embedding=True),
+        "`register_tokens_have_position_embedding=True` needs `position_encoding='learned'`",
+    ),
+    (
+        dict(register_tokens_have_position_embedding=True, cls_token_has_position_embedding=False),
+        "`register_tokens_have_position_embedding=True` with a CLS token needs `cls_token_has_position_embedding=True`",
+    ),
     (
         dict(test_time_registers={"num_tokens": 1, "neurons": {"7": [0]}}),
         "test-time register neurons name layer 7, the model has 3",

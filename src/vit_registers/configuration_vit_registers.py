@@ -1,7 +1,9 @@
 """Configuration of a Vision Transformer with register tokens.
 
 One config expresses every family in the register literature: official DINOv2 (with and without registers, plain or
-SwiGLU MLP), DeiT-III, and timm's ``vit_*_reg{1,4}_gap_*`` models that have registers but no CLS token.
+SwiGLU MLP), DINOv3 (storage tokens, axial RoPE), DeiT-III, and timm's register models: ``vit_*_reg{1,4}_gap_*``
+without a CLS token, the EVA RoPE ones, ``so150m`` with position embeddings over the registers, and the attention-pool
+(MAP) head.
 
 This file is copied next to the weights by ``save_pretrained`` so that ``trust_remote_code=True`` works without the
 package: it may import only torch, transformers and the standard library.
@@ -77,7 +79,8 @@ class ViTRegistersConfig(BackboneConfigMixin, PretrainedConfig):
     r"""
     Configuration of [`ViTRegistersModel`]: a pre-norm ViT with a CLS token (optional), `num_register_tokens` learnable
     register tokens appended after it (Darcet et al., "Vision Transformers Need Registers", ICLR 2024, §2.2), and
-    patch tokens. Registers carry no position embedding, take part in every layer and are returned separately.
+    patch tokens. Registers carry no position embedding (except in timm's so150m models,
+    `register_tokens_have_position_embedding`), take part in every layer and are returned separately.
 
     Token order in every hidden state: `[CLS] + registers + patches` (no `[CLS]` when `use_cls_token=False`).
 
@@ -188,7 +191,16 @@ class ViTRegistersConfig(BackboneConfigMixin, PretrainedConfig):
         apply_layernorm (`bool`, defaults to `True`):
             Backbone only: apply the final LayerNorm to the returned feature maps.
         reshape_hidden_states (`bool`, defaults to `True`):
-            Backbone only: return NCHW maps (`True`) or (batch, patches, hidden) sequences.
+            Backbone only: return NCHW maps of the patches (`True`) or `(batch, tokens, hidden)` sequences of every
+            token, `[CLS] + registers + patches` (`False`).
+        remove_register_tokens (`bool`, defaults to `False`):
+            Backbone only, with `reshape_hidden_states=False`: the sequences leave the registers (and test-time
+            registers) out, `[CLS] + patches`: what the necks of transformers' DPT and Depth Anything expect from a
+            ViT backbone (they drop the first token and reshape the rest to the patch grid).
+        return_class_token (`bool`, defaults to `False`):
+            Backbone only: also return the CLS token of every returned stage (`cls_tokens`, `(batch, hidden)` each,
+            normalised like the maps), as DINOv3's `get_intermediate_layers(..., return_class_token=True)` and
+            transformers' `DINOv3ViTBackbone`. Also a `forward` argument.
         out_features / out_indices (*optional*):
             Backbone only: which stages (`"stem"`, `"stage1"` … `"stageL"`) to return.
 
@@ -247,6 +259,8 @@ class ViTRegistersConfig(BackboneConfigMixin, PretrainedConfig):
         test_time_registers: dict | None = None,
         apply_layernorm: bool = True,
         reshape_hidden_states: bool = True,
+        remove_register_tokens: bool = False,
+        return_class_token: bool = False,
         out_features: list[str] | None = None,
         out_indices: list[int] | None = None,
         **kwargs,
@@ -292,6 +306,8 @@ class ViTRegistersConfig(BackboneConfigMixin, PretrainedConfig):
         self.test_time_registers = test_time_registers
         self.apply_layernorm = apply_layernorm
         self.reshape_hidden_states = reshape_hidden_states
+        self.remove_register_tokens = remove_register_tokens
+        self.return_class_token = return_class_token
         kwargs.setdefault("auto_map", dict(AUTO_MAP))
         super().__init__(**kwargs)
         self.stage_names = ["stem"] + [f"stage{i}" for i in range(1, num_hidden_layers + 1)]
