@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .cpu_allocator import tune_cpu_allocator
+from .onnx_export import add_arguments as _export_arguments
+from .onnx_export import run as _run_export
 
 PROG = "vit-registers"
 
@@ -611,6 +613,9 @@ register_subcommand(
     "demo", "launch the register-explorer Space locally", _demo_arguments, _run_demo, tune_allocator=False
 )
 register_subcommand("corloc", "LOST CorLoc over a dataset with boxes", _corloc_arguments, run_corloc)
+register_subcommand(
+    "export", "ONNX file with dynamic batch, height and width, checked in ONNX Runtime", _export_arguments, _run_export
+)
 
 
 # -------------------------------------------------------------------------------------------------------- main
