@@ -14,7 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `benchmarks` lives at the repository root
 
-from benchmarks import attention, forward, interventions, training  # noqa: E402
+from benchmarks import attention, families, forward, interventions, training  # noqa: E402
 from benchmarks.common import (  # noqa: E402
     IMPLEMENTATIONS,
     NO_KERNELS,
@@ -250,6 +250,13 @@ def test_smoke_of_in_process_sections(tmp_path, capsys):
     assert result["sections"]["test-time-registers"]["setup"]["tiny@28"]["neurons"] == 50
     calls = {(r["image_size"], r["implementation"]) for r in result["sections"]["analysis"]["rows"]}
     assert calls == {(s, n) for s in (28, 42) for n in ("forward", "analyze_batch")}
+    # DINOv3 style (RoPE): ours, the reference model file, transformers' DINOv3ViTModel and timm's EVA on one set of
+    # weights, every token within the parity bound before timing; 28 px rounds down to the 16 px patch
+    dinov3 = result["sections"]["dinov3"]
+    assert {r["implementation"] for r in dinov3["rows"]} == set(families.DINOV3_IMPLEMENTATIONS)
+    assert {(r["arch"], r["image_size"]) for r in dinov3["rows"]} == {("tiny", 16)}
+    assert set(dinov3["parity_max_abs_diff"]["tiny@16"]) == set(families.DINOV3_IMPLEMENTATIONS) - {OURS}
+    assert max(dinov3["parity_max_abs_diff"]["tiny@16"].values()) < 1e-4
 
 
 def test_quick_smoke_of_memory_and_conversion(tmp_path, capsys):
