@@ -15,6 +15,7 @@ output into CLS / registers / patches, so that callers can compare every token.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -27,6 +28,7 @@ import torch
 
 from ..configuration_vit_registers import ViTRegistersConfig
 from ..modeling_vit_registers import ViTRegistersModel
+from . import timm_families
 from .mappings import IGNORED, PREFIXES, RESHAPED, RULES
 
 SOURCES = tuple(RULES)
@@ -124,11 +126,12 @@ def _load_directory(path: Path) -> dict[str, torch.Tensor]:
 def rename_state_dict(source: str, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Apply the source family's mapping table (`mappings.py`); raise on keys it does not know."""
     _check_source(source)
+    if source == "timm":  # families that stay out are named; Eva's absent key bias is added as zeros
+        state = timm_families.prepare_state_dict({_strip(source, key): value for key, value in state.items()})
     parts: dict[str, dict[int, tuple[int, torch.Tensor]]] = {}
     unexpected = []
     for key, tensor in state.items():
-        for prefix in PREFIXES[source]:
-            key = key.removeprefix(prefix)
+        key = _strip(source, key)
         if any(re.fullmatch(pattern, key) for pattern in IGNORED[source]):
             continue
         for rule in RULES[source]:
@@ -161,6 +164,12 @@ def rename_state_dict(source: str, state: Mapping[str, torch.Tensor]) -> dict[st
     return renamed
 
 
+def _strip(source: str, key: str) -> str:
+    for prefix in PREFIXES[source]:
+        key = key.removeprefix(prefix)
+    return key
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Architecture
 # ----------------------------------------------------------------------------------------------------------------------
@@ -176,35 +185,26 @@ def infer_config(source: str, renamed: Mapping[str, torch.Tensor], arch: str | N
         raise ConversionError(f"The checkpoint's transformer blocks are not numbered 0..L-1: {layers[:10]}")
     has_cls = "embeddings.cls_token" in renamed
     registers = renamed["embeddings.register_tokens"].shape[1] if "embeddings.register_tokens" in renamed else 0
-    num_positions = renamed["embeddings.position_embeddings"].shape[1]
     fc1 = renamed["encoder.layer.0.mlp.fc1.weight"].shape[0]
     fc2_in = renamed["encoder.layer.0.mlp.fc2.weight"].shape[1]
     swiglu = fc1 == 2 * fc2_in
-    grid_patches = num_positions - 1 if has_cls and _is_square(num_positions - 1) else num_positions
-    cls_position = has_cls and grid_patches == num_positions - 1
-    if not _is_square(grid_patches):
-        raise ConversionError(
-            f"{num_positions} position embeddings fit no square patch grid (registers with position embeddings are "
-            "not supported)."
-        )
     spec: dict[str, Any] = dict(
         hidden_size=hidden,
         num_channels=channels,
         patch_size=patch,
         num_hidden_layers=len(layers),
         num_attention_heads=max(1, hidden // 64),
-        image_size=math.isqrt(grid_patches) * patch,
+        **_position_layout(renamed, has_cls, registers, patch),
         mlp_type="swiglu" if swiglu else "mlp",
         intermediate_size=fc2_in,
         qkv_bias="encoder.layer.0.attention.qkv.bias" in renamed,
         layerscale_value=1.0 if "encoder.layer.0.layer_scale1.gamma" in renamed else None,
         num_register_tokens=registers,
         use_cls_token=has_cls,
-        cls_token_has_position_embedding=cls_position,
         use_mask_token="embeddings.mask_token" in renamed,
         use_final_norm="layernorm.weight" in renamed,
         use_fc_norm="fc_norm.weight" in renamed,
-        pooling="cls" if has_cls else "mean",
+        pooling="map" if "pooler.latent" in renamed else "cls" if has_cls else "mean",
         layer_norm_eps=1e-6,
         interpolate_antialias=True,
         interpolate_offset=0.0,
@@ -218,8 +218,37 @@ def infer_config(source: str, renamed: Mapping[str, torch.Tensor], arch: str | N
             spec.update(official_interpolation(registers))
     elif source == "timm" and arch is not None:
         spec.update(_timm_registry_hints(arch, hidden))
+        registry_model = _timm_registry_model(arch)
+        if registry_model is not None:  # what the weights cannot show: RoPE, eps, activation, pooling
+            spec.update(timm_families.registry_hints(arch, registry_model))
     spec.update(overrides)
-    return ViTRegistersConfig(**spec)
+    config = ViTRegistersConfig(**spec)
+    if source == "timm":
+        timm_families.check_weights(renamed, config)
+    return config
+
+
+def _position_layout(renamed: Mapping[str, torch.Tensor], has_cls: bool, registers: int, patch: int) -> dict:
+    """Config fields for the stored position embeddings: which prefix tokens they cover (none, the CLS token, or CLS
+    and registers, as timm's `no_embed_class=False` with registers) and the square grid they leave for the patches.
+    Without position embeddings the model is a RoPE one (the rotary settings come from the architecture)."""
+    if "embeddings.position_embeddings" not in renamed:
+        return dict(position_encoding="rope", cls_token_has_position_embedding=False)
+    num_positions = renamed["embeddings.position_embeddings"].shape[1]
+    layouts = [(1, True, False)] if has_cls else []  # (covered prefix tokens, CLS covered, registers covered)
+    layouts += [(0, False, False)] + ([(int(has_cls) + registers, has_cls, True)] if registers else [])
+    for covered, cls_position, register_positions in layouts:
+        if _is_square(num_positions - covered):
+            return dict(
+                position_encoding="learned",
+                image_size=math.isqrt(num_positions - covered) * patch,
+                cls_token_has_position_embedding=cls_position,
+                register_tokens_have_position_embedding=register_positions,
+            )
+    raise ConversionError(
+        f"{num_positions} position embeddings fit no square patch grid, with or without the "
+        f"{int(has_cls)} CLS and {registers} register token(s)."
+    )
 
 
 def _timm_registry_hints(arch: str, hidden: int) -> dict[str, Any]:
@@ -227,18 +256,26 @@ def _timm_registry_hints(arch: str, hidden: int) -> dict[str, Any]:
 
     The network is built on the meta device, so nothing is allocated. Without timm, the shapes alone decide.
     """
-    try:
-        import timm
-    except ImportError:
-        return {}
-    if not timm.is_model(arch):
-        raise ConversionError(f"Unknown timm architecture {arch!r} (not in timm {timm.__version__}'s registry).")
-    with torch.device("meta"):
-        registry_model = timm.create_model(arch, pretrained=False)
+    registry_model = _timm_registry_model(arch)
     blocks = getattr(registry_model, "blocks", None)
     if getattr(registry_model, "embed_dim", None) != hidden or not blocks:
         return {}
     return {"num_attention_heads": blocks[0].attn.num_heads}
+
+
+@functools.lru_cache(maxsize=8)
+def _timm_registry_model(arch: str) -> torch.nn.Module | None:
+    """timm's `arch` on the meta device (nothing allocated); `None` without timm. Refuses the families that stay
+    out (`timm_families.check_arch`) and names that timm does not know."""
+    try:
+        import timm
+    except ImportError:
+        return None
+    timm_families.check_arch(arch)
+    if not timm.is_model(arch):
+        raise ConversionError(f"Unknown timm architecture {arch!r} (not in timm {timm.__version__}'s registry).")
+    with torch.device("meta"):
+        return timm.create_model(arch, pretrained=False)
 
 
 def _is_square(value: int) -> bool:
@@ -300,7 +337,12 @@ def convert(
     if source == "transformers" and not isinstance(checkpoint, Mapping) and Path(checkpoint).is_dir():
         if (Path(checkpoint) / "config.json").exists():
             config_overrides = {**_transformers_config_hints(Path(checkpoint)), **config_overrides}
-    renamed = rename_state_dict(source, load_state_dict(checkpoint))
+    if source == "timm" and arch is not None:
+        timm_families.check_arch(arch)  # a family that stays out is named before its weights are read
+    state = load_state_dict(checkpoint)
+    if source == "timm" and arch is None:  # Eva's rotary variant is not in its weights
+        timm_families.require_arch(state)
+    renamed = rename_state_dict(source, state)
     config = infer_config(source, renamed, arch, **config_overrides)
     if interpolation == "official":
         for key, value in official_interpolation(config.num_register_tokens).items():
@@ -376,6 +418,9 @@ def build_reference(
         if timm_arch is None:
             raise ConversionError("A timm reference needs --arch (the timm model name).")
         extra = {}
+    if source == "timm":  # Eva: its own MLP ratio and the rotary settings used
+        extra = timm_families.reference_kwargs(config, state)
+        state = timm_families.reference_state(state)
     kwargs = {**timm_create_kwargs(config), **extra}
     if config.layerscale_value is not None:
         kwargs["init_values"] = 1.0
@@ -433,6 +478,8 @@ def interpolation_summary(
 ) -> str:
     """One sentence for the converter's output and the model card: how the converted model resamples position
     embeddings away from its stored grid, whose formula that is, and how to get the other one."""
+    if config.position_encoding == "rope":
+        return timm_families.rope_summary(config, _source_model_name(source, config, checkpoint))
     ours = {key: getattr(config, key) for key in ("interpolate_antialias", "interpolate_offset")}
     theirs = source_interpolation(source, config, checkpoint)
     name = _source_model_name(source, config, checkpoint)

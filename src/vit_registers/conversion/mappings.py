@@ -59,7 +59,10 @@ DINOV2_RULES = [
     ),
 ]
 
-# timm VisionTransformer (`vit_*_reg4_dinov2`, `deit3_*`, `vit_*_reg{1,4}_gap_*`, ...).
+# timm VisionTransformer (`vit_*_reg4_dinov2`, `deit3_*`, `vit_*_reg{1,4}_gap_*`, `vit_so150m*`, ...) and Eva
+# (`vit_*_rope_reg*_gap_256`, `vit_*_dinov3*`: LayerScale `gamma_1` / `gamma_2`, qkv bias as `q_bias` / `v_bias` plus
+# the zero `k_bias` that `timm_families.prepare_state_dict` adds, SwiGLU as `fc1_g` / `fc1_x`), with timm's attention
+# pool (`attn_pool`, global_pool="map").
 TIMM_RULES = [
     KeyRule(r"cls_token", "embeddings.cls_token"),
     KeyRule(r"reg_token", "embeddings.register_tokens"),
@@ -69,8 +72,21 @@ TIMM_RULES = [
     KeyRule(r"fc_norm\.(?P<kind>weight|bias)", "fc_norm.{kind}"),
     *_block_rules(
         rf"blocks\.{LAYER}",
-        [*VIT_BLOCK, (r"mlp\.fc1", "mlp.fc1.{kind}", None), (r"mlp\.fc2", "mlp.fc2.{kind}", None)],
+        [
+            *VIT_BLOCK,
+            (r"mlp\.fc1", "mlp.fc1.{kind}", None),
+            (r"mlp\.fc1_g", "mlp.fc1.{kind}", (0, 2)),
+            (r"mlp\.fc1_x", "mlp.fc1.{kind}", (1, 2)),
+            (r"mlp\.fc2", "mlp.fc2.{kind}", None),
+        ],
     ),
+    KeyRule(rf"blocks\.{LAYER}\.gamma_1", "encoder.layer.{layer}.layer_scale1.gamma"),
+    KeyRule(rf"blocks\.{LAYER}\.gamma_2", "encoder.layer.{layer}.layer_scale2.gamma"),
+    KeyRule(rf"blocks\.{LAYER}\.attn\.q_bias", "encoder.layer.{layer}.attention.qkv.bias", (0, 3)),
+    KeyRule(rf"blocks\.{LAYER}\.attn\.k_bias", "encoder.layer.{layer}.attention.qkv.bias", (1, 3)),
+    KeyRule(rf"blocks\.{LAYER}\.attn\.v_bias", "encoder.layer.{layer}.attention.qkv.bias", (2, 3)),
+    KeyRule(r"attn_pool\.latent", "pooler.latent"),
+    KeyRule(r"attn_pool\.(?P<name>q|kv|proj|norm|mlp\.fc1|mlp\.fc2)\.(?P<kind>weight|bias)", "pooler.{name}.{kind}"),
 ]
 
 # transformers Dinov2 / Dinov2WithRegisters: current names (q_proj, gate_proj, ...) and legacy ones
@@ -116,7 +132,7 @@ PREFIXES = {
 # Keys that are dropped on purpose: classification heads (`convert` returns the bare encoder).
 IGNORED = {
     "dinov2": (r"head\..*",),
-    "timm": (r"head\..*", r"head_drop\..*"),
+    "timm": (r"head\..*", r"head_drop\..*", r"rope\..*"),  # rope.*: derived RoPE buffers (older timm saved them)
     "transformers": (r"classifier\..*",),
 }
 
