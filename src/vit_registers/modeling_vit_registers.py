@@ -794,8 +794,18 @@ class ViTRegistersForImageClassification(ViTRegistersPreTrainedModel):
         )
 
 
+@dataclass
+class ViTRegistersBackboneOutput(BackboneOutput):
+    """[`BackboneOutput`] + `cls_tokens`: the CLS token `(batch, hidden)` of every returned stage, when
+    `return_class_token` (DINOv3's `get_intermediate_layers(..., return_class_token=True)`)."""
+
+    cls_tokens: tuple[torch.FloatTensor, ...] | None = None
+
+
 class ViTRegistersBackbone(BackboneMixin, ViTRegistersPreTrainedModel):
-    """Feature maps of chosen stages (`out_features` / `out_indices`), CLS and registers removed, NCHW by default."""
+    """Feature maps of chosen stages (`out_features` / `out_indices`), CLS and registers removed, NCHW by default.
+    `reshape_hidden_states=False`: sequences, every token; with `remove_register_tokens` `[CLS] + patches`, what the
+    necks of transformers' DPT and Depth Anything take (they drop one token and reshape the rest)."""
 
     def __init__(self, config: ViTRegistersConfig):
         super().__init__(config)
@@ -812,30 +822,39 @@ class ViTRegistersBackbone(BackboneMixin, ViTRegistersPreTrainedModel):
         pixel_values: torch.Tensor,
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
+        return_class_token: bool | None = None,
         return_dict: bool | None = None,
         **kwargs,
-    ) -> BackboneOutput:
-        model = self.vit_registers
+    ) -> ViTRegistersBackboneOutput:
+        model, config = self.vit_registers, self.config
+        if return_class_token is None:
+            return_class_token = config.return_class_token
+        if return_class_token and not config.use_cls_token:
+            raise ValueError("return_class_token=True needs a model with a CLS token (use_cls_token=True).")
         outputs = model(pixel_values, output_hidden_states=True, output_attentions=output_attentions)
         batch_size, _, height, width = pixel_values.shape
-        patch = self.config.patch_size
-        feature_maps = ()
+        patch = config.patch_size
+        feature_maps, cls_tokens = (), ()
         for stage, hidden_state in zip(self.stage_names, outputs.hidden_states):
             if stage not in self.out_features:
                 continue
-            if self.config.apply_layernorm:
+            if config.apply_layernorm:
                 hidden_state = model.layernorm(hidden_state)
-            if self.config.reshape_hidden_states:
-                _, _, patches = model.split_tokens(hidden_state)
+            cls_token, _, patches = model.split_tokens(hidden_state)
+            cls_tokens += (cls_token,)
+            if config.reshape_hidden_states:
                 hidden_state = patches.reshape(batch_size, height // patch, width // patch, -1)
                 hidden_state = hidden_state.permute(0, 3, 1, 2).contiguous()
+            elif config.remove_register_tokens:
+                hidden_state = patches if cls_token is None else torch.cat([cls_token[:, None], patches], dim=1)
             feature_maps += (hidden_state,)
         if output_hidden_states is None:
-            output_hidden_states = self.config.output_hidden_states
-        return BackboneOutput(
+            output_hidden_states = config.output_hidden_states
+        return ViTRegistersBackboneOutput(
             feature_maps=feature_maps,
             hidden_states=outputs.hidden_states if output_hidden_states else None,
             attentions=outputs.attentions,
+            cls_tokens=cls_tokens if return_class_token else None,
         )
 
 
@@ -845,6 +864,7 @@ __all__ = [
     "ViTRegistersModel",
     "ViTRegistersForImageClassification",
     "ViTRegistersBackbone",
+    "ViTRegistersBackboneOutput",
     "apply_test_time_registers",
     "resolve_layer_indices",
 ]
