@@ -1,7 +1,7 @@
 #!/usr/bin/env python
-"""Convert an official DINOv2, timm or transformers checkpoint to vit_registers, verify it, write it, publish it.
+"""Convert an official DINOv2 / DINOv3, timm or transformers checkpoint to vit_registers, verify, write, publish it.
 
-    python scripts/convert.py --source {dinov2,timm,transformers} --checkpoint PATH [--arch NAME] \
+    python scripts/convert.py --source {dinov2,dinov3,timm,transformers} --checkpoint PATH [--arch NAME] \
         --output-dir DIR [--push-to-hub ORG/NAME] [--private] [--dtype {float32,float16,bfloat16}] \
         [--interpolation {source,official}]
 
@@ -19,11 +19,15 @@ from pathlib import Path
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--source", required=True, choices=["dinov2", "timm", "transformers"], help="checkpoint family")
+    parser.add_argument(
+        "--source", required=True, choices=["dinov2", "dinov3", "timm", "transformers"], help="checkpoint family"
+    )
     parser.add_argument(
         "--checkpoint", required=True, help=".pth/.safetensors/.bin file, or a transformers model directory"
     )
-    parser.add_argument("--arch", default=None, help="official hub name (e.g. dinov2_vits14_reg) or timm model name")
+    parser.add_argument(
+        "--arch", default=None, help="official hub name (e.g. dinov2_vits14_reg, dinov3_vits16) or timm model name"
+    )
     parser.add_argument("--output-dir", required=True, help="new (or empty) directory to write the model to")
     parser.add_argument("--push-to-hub", default=None, metavar="ORG/NAME", help="upload the result to this repo")
     parser.add_argument("--private", action="store_true", help="create the Hub repo as private")

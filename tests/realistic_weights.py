@@ -48,7 +48,8 @@ def redraw_realistic_(
     """Redraw every parameter of `module` in place (seeded) at a realistic scale; returns it in eval mode.
 
     - Linear / convolution weights: normal with std `gain / sqrt(fan_in)` (inputs of std ~1 give outputs of std
-      ~`gain`, so attention logits and MLP pre-activations span several units); biases normal(0, 0.3).
+      ~`gain`, so attention logits and MLP pre-activations span several units); every bias (Eva's `q_bias` /
+      `v_bias` too) normal(0, 0.3).
     - Norm weights uniform in [0.7, 1.6] (trained LayerNorm scales are O(1) and mostly positive), biases
       normal(0, 0.3).
     - LayerScale (`gamma`, `gamma_1`, `lambda1`, any parameter of a `*LayerScale*` module): magnitudes uniform in
@@ -73,10 +74,12 @@ def redraw_realistic_(
                 value = uniform(shape, *layerscale) * signs
             elif _is_norm(child):
                 value = uniform(shape, 0.7, 1.6) if name == "weight" else normal(shape, 0.3)
+            elif name.endswith("bias"):  # also Eva's `q_bias` / `v_bias`
+                value = normal(shape, 0.3)
             elif isinstance(child, (nn.Linear, nn.Conv2d, nn.Conv1d)) or (
-                name in ("weight", "bias") and parameter.ndim in (1, 2)
+                name == "weight" and parameter.ndim in (1, 2)
             ):
-                if name == "bias" or parameter.ndim == 1:
+                if parameter.ndim == 1:
                     value = normal(shape, 0.3)
                 else:
                     fan_in = math.prod(shape[1:])

@@ -28,7 +28,7 @@ import torch
 
 from ..configuration_vit_registers import ViTRegistersConfig
 from ..modeling_vit_registers import ViTRegistersModel
-from . import timm_families
+from . import dinov3, timm_families
 from .mappings import IGNORED, PREFIXES, RESHAPED, RULES
 
 SOURCES = tuple(RULES)
@@ -128,6 +128,7 @@ def rename_state_dict(source: str, state: Mapping[str, torch.Tensor]) -> dict[st
     _check_source(source)
     if source == "timm":  # families that stay out are named; Eva's absent key bias is added as zeros
         state = timm_families.prepare_state_dict({_strip(source, key): value for key, value in state.items()})
+    state = dinov3.prepare_state_dict(source, state)  # DINOv3: masked qkv bias, absent key bias; others unchanged
     parts: dict[str, dict[int, tuple[int, torch.Tensor]]] = {}
     unexpected = []
     for key, tensor in state.items():
@@ -221,6 +222,8 @@ def infer_config(source: str, renamed: Mapping[str, torch.Tensor], arch: str | N
         registry_model = _timm_registry_model(arch)
         if registry_model is not None:  # what the weights cannot show: RoPE, eps, activation, pooling
             spec.update(timm_families.registry_hints(arch, registry_model))
+    if source == "dinov3" or (source == "transformers" and spec.get("position_encoding") == "rope"):
+        spec.update(dinov3.spec_hints(source, renamed, arch, spec))
     spec.update(overrides)
     config = ViTRegistersConfig(**spec)
     if source == "timm":
@@ -291,8 +294,12 @@ def _transformers_config_hints(path: Path) -> dict[str, Any]:
     """Config fields from a transformers Dinov2 / Dinov2WithRegisters `config.json`."""
     config = json.loads((path / "config.json").read_text())
     model_type = config.get("model_type")
+    if model_type == dinov3.TRANSFORMERS_MODEL_TYPE:
+        return dinov3.transformers_config_hints(config)
     if model_type not in ("dinov2", "dinov2_with_registers"):
-        raise ConversionError(f"{path} holds a {model_type!r} model; only dinov2 / dinov2_with_registers convert.")
+        raise ConversionError(
+            f"{path} holds a {model_type!r} model; only dinov2 / dinov2_with_registers / dinov3_vit convert."
+        )
     hints = dict(
         num_attention_heads=config["num_attention_heads"],
         hidden_act=config.get("hidden_act", "gelu"),
@@ -344,6 +351,7 @@ def convert(
         timm_families.require_arch(state)
     renamed = rename_state_dict(source, state)
     config = infer_config(source, renamed, arch, **config_overrides)
+    dinov3.check_periods(renamed, config)  # official DINOv3's stored RoPE periods: checked, then dropped
     if interpolation == "official":
         for key, value in official_interpolation(config.num_register_tokens).items():
             setattr(config, key, value)
@@ -403,6 +411,9 @@ def build_reference(
         if isinstance(checkpoint, Mapping) or not Path(checkpoint).is_dir():
             raise ConversionError("A transformers reference needs a model directory (config.json + weights).")
         return AutoModel.from_pretrained(str(checkpoint), attn_implementation="eager").eval()
+    if source == "dinov3":  # timm's DINOv3 port, loaded through timm's own checkpoint filter
+        state = load_state_dict(checkpoint)
+        return dinov3.build_official_reference(state, convert(source, state, arch, **config_overrides).config)
     import timm
     from timm.models.vision_transformer import checkpoint_filter_fn
 
@@ -435,7 +446,9 @@ def build_reference(
 def is_dinov2(source: str, checkpoint: Any = None, arch: str | None = None) -> bool:
     """Whether the weights are DINOv2's, so that the official DINOv2 resampling applies: official checkpoints,
     transformers Dinov2 / Dinov2WithRegisters directories, timm `*_dinov2` models."""
-    if source in ("dinov2", "transformers"):
+    if source == "transformers":
+        return not dinov3.is_dinov3(source, checkpoint)
+    if source == "dinov2":
         return True
     return source == "timm" and arch is not None and "dinov2" in arch
 
@@ -448,7 +461,10 @@ def _transformers_model_type(checkpoint: Any) -> str | None:
 
 
 def source_interpolation(source: str, config: ViTRegistersConfig, checkpoint: Any = None) -> dict[str, Any]:
-    """How the source library's own model resamples position embeddings (`interpolation="source"`)."""
+    """How the source library's own model resamples position embeddings (`interpolation="source"`); empty for a RoPE
+    model (DINOv3): it stores no position embeddings to resample."""
+    if config.position_encoding == "rope":
+        return {}
     if source == "dinov2":
         return official_interpolation(config.num_register_tokens)
     if source == "transformers":  # Dinov2Model without antialias, Dinov2WithRegistersModel with; neither an offset
@@ -461,6 +477,8 @@ def source_interpolation(source: str, config: ViTRegistersConfig, checkpoint: An
 def _source_model_name(source: str, config: ViTRegistersConfig, checkpoint: Any = None) -> str:
     if source == "dinov2":
         return "the official DINOv2 model"
+    if dinov3.is_dinov3(source, checkpoint):
+        return dinov3.model_name(source)
     if source == "transformers":
         model_type = _transformers_model_type(checkpoint)
         with_registers = model_type == "dinov2_with_registers" if model_type else config.num_register_tokens > 0
@@ -514,7 +532,10 @@ def reference_interpolation(
     The official DINOv2 models without registers need it (timm, their reference, has no 0.1 offset), and so does a
     model converted with `interpolation="official"` whose source resamples otherwise. Verification then checks the
     weights at other sizes with these settings; the official formula itself is tested against the official code.
+    A RoPE model (DINOv3) stores no position embeddings: nothing to set.
     """
+    if config.position_encoding == "rope":
+        return {}
     if source == "transformers":
         model_type = getattr(getattr(reference, "config", None), "model_type", None)
         antialias = model_type == "dinov2_with_registers" if model_type else config.num_register_tokens > 0
@@ -528,15 +549,18 @@ def reference_interpolation(
 
 @torch.no_grad()
 def reference_tokens(reference: torch.nn.Module, pixel_values: torch.Tensor) -> dict[str, torch.Tensor | None]:
-    """Output tokens of a timm or transformers reference split into `cls`, `registers` and `patches`."""
+    """Output tokens of a timm or transformers reference split into `cls`, `registers` and `patches`; `pooled`: a timm
+    attention pool's output (`forward_head(pre_logits=True)`), `None` for references without one."""
     if hasattr(reference, "forward_features"):  # timm
         tokens = reference.forward_features(pixel_values)
         prefix = reference.num_prefix_tokens
         has_cls = reference.cls_token is not None
+        attention_pool = getattr(reference, "attn_pool", None) is not None  # pooled: timm's pre-logits
         return dict(
             cls=tokens[:, 0] if has_cls else None,
             registers=tokens[:, int(has_cls) : prefix],
             patches=tokens[:, prefix:],
+            pooled=reference.forward_head(tokens, pre_logits=True) if attention_pool else None,
         )
     tokens = reference(pixel_values).last_hidden_state
     registers = getattr(reference.config, "num_register_tokens", 0)
@@ -545,9 +569,12 @@ def reference_tokens(reference: torch.nn.Module, pixel_values: torch.Tensor) -> 
 
 @torch.no_grad()
 def model_tokens(model: ViTRegistersModel, pixel_values: torch.Tensor) -> dict[str, torch.Tensor | None]:
-    """`ViTRegistersModel` output tokens in the same `cls` / `registers` / `patches` layout as `reference_tokens`."""
-    cls_token, registers, patches = model.split_tokens(model(pixel_values).last_hidden_state)
-    return dict(cls=cls_token, registers=registers, patches=patches)
+    """`ViTRegistersModel` output tokens in the same `cls` / `registers` / `patches` layout as `reference_tokens`, and
+    `pooled`: the attention pool's output (`pooling="map"`, the only pooler with weights; `None` otherwise)."""
+    output = model(pixel_values)
+    cls_token, registers, patches = model.split_tokens(output.last_hidden_state)
+    pooled = output.pooler_output if model.config.pooling == "map" else None
+    return dict(cls=cls_token, registers=registers, patches=patches, pooled=pooled)
 
 
 __all__ = [

@@ -120,13 +120,66 @@ TRANSFORMERS_RULES = [
     ),
 ]
 
-RULES = {"dinov2": DINOV2_RULES, "timm": TIMM_RULES, "transformers": TRANSFORMERS_RULES}
+# Official DINOv3 (facebookresearch/dinov3 hub checkpoints): storage tokens are the registers; SwiGLU as `w1` (gate),
+# `w2` (value), `w3`. `rope_embed.periods` keeps a name of its own: `dinov3.check_periods` checks it against the
+# config and drops it; `qkv.bias_mask` is applied and dropped before renaming (`dinov3.prepare_state_dict`).
+DINOV3_RULES = [
+    KeyRule(r"cls_token", "embeddings.cls_token"),
+    KeyRule(r"storage_tokens", "embeddings.register_tokens"),
+    KeyRule(r"mask_token", "embeddings.mask_token"),
+    KeyRule(r"patch_embed\.proj\.(?P<kind>weight|bias)", "embeddings.patch_embeddings.projection.{kind}"),
+    KeyRule(r"norm\.(?P<kind>weight|bias)", "layernorm.{kind}"),
+    KeyRule(r"rope_embed\.periods", "rope_embed.periods"),
+    *_block_rules(
+        rf"blocks\.{LAYER}",
+        [
+            *VIT_BLOCK,
+            (r"mlp\.fc1", "mlp.fc1.{kind}", None),
+            (r"mlp\.w1", "mlp.fc1.{kind}", (0, 2)),
+            (r"mlp\.w2", "mlp.fc1.{kind}", (1, 2)),
+            (r"mlp\.(?:fc2|w3)", "mlp.fc2.{kind}", None),
+        ],
+    ),
+]
+
+# transformers DINOv3ViTModel / DINOv3ViTBackbone: blocks under `model.layer.*` (current) or `layer.*` (first Hub
+# uploads), a bare conv patch embedding, final `norm`. A plain MLP's `up_proj` arrives as `mlp.fc1` and the absent
+# key bias as zeros (`dinov3.prepare_state_dict`); a gated MLP is `gate_proj` / `up_proj` / `down_proj`.
+DINOV3_TRANSFORMERS_RULES = [
+    KeyRule(r"embeddings\.patch_embeddings\.(?P<kind>weight|bias)", "embeddings.patch_embeddings.projection.{kind}"),
+    KeyRule(r"norm\.(?P<kind>weight|bias)", "layernorm.{kind}"),
+    *_block_rules(
+        rf"(?:model\.)?layer\.{LAYER}",
+        [
+            (r"norm1", "norm1.{kind}", None),
+            (r"norm2", "norm2.{kind}", None),
+            (r"attention\.q_proj", "attention.qkv.{kind}", (0, 3)),
+            (r"attention\.k_proj", "attention.qkv.{kind}", (1, 3)),
+            (r"attention\.v_proj", "attention.qkv.{kind}", (2, 3)),
+            (r"attention\.o_proj", "attention.proj.{kind}", None),
+            (r"layer_scale1", "layer_scale1.gamma", None),
+            (r"layer_scale2", "layer_scale2.gamma", None),
+            (r"mlp\.fc1", "mlp.fc1.{kind}", None),
+            (r"mlp\.gate_proj", "mlp.fc1.{kind}", (0, 2)),
+            (r"mlp\.up_proj", "mlp.fc1.{kind}", (1, 2)),
+            (r"mlp\.down_proj", "mlp.fc2.{kind}", None),
+        ],
+    ),
+]
+
+RULES = {
+    "dinov2": DINOV2_RULES,
+    "timm": TIMM_RULES,
+    "transformers": TRANSFORMERS_RULES + DINOV3_TRANSFORMERS_RULES,
+    "dinov3": DINOV3_RULES,
+}
 
 # Prefixes of task-model checkpoints, stripped before matching.
 PREFIXES = {
     "dinov2": ("backbone.", "module."),
     "timm": ("module.",),
     "transformers": ("dinov2_with_registers.", "dinov2.", "vit_registers."),
+    "dinov3": ("backbone.", "module."),
 }
 
 # Keys that are dropped on purpose: classification heads (`convert` returns the bare encoder).
@@ -134,6 +187,7 @@ IGNORED = {
     "dinov2": (r"head\..*",),
     "timm": (r"head\..*", r"head_drop\..*", r"rope\..*"),  # rope.*: derived RoPE buffers (older timm saved them)
     "transformers": (r"classifier\..*",),
+    "dinov3": (r"head\..*", r"local_cls_norm\..*"),  # local_cls_norm: local crops in training only (7B, SAT ViT-L)
 }
 
 # Tensors stored with another shape than ours, reshaped explicitly (official mask token is (1, D), ours (1, 1, D)).

@@ -32,6 +32,7 @@ from . import (
     ConversionError,
     build_reference,
     convert,
+    dinov3,
     interpolation_summary,
     model_tokens,
     reference_interpolation,
@@ -39,7 +40,9 @@ from . import (
 )
 
 DEFAULT_TOLERANCE = 1e-4
-TOKEN_GROUPS = ("cls", "registers", "patches")
+# `pooled`: the attention pool's output (pooling="map"), compared where the model has one (its weights are the pool's)
+TOKEN_GROUPS = ("cls", "registers", "patches", "pooled")
+GROUP_TITLES = {"cls": "CLS", "registers": "registers", "patches": "patches", "pooled": "attention pool"}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 TEMPLATE_PATH = Path(__file__).resolve().parents[3] / "model_cards" / "vit_registers.md"
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN  # noqa: E402
@@ -58,7 +61,8 @@ OFFICIAL_BASE_MODELS = {
 SOURCE_DESCRIPTIONS = {
     "dinov2": "official DINOv2 checkpoint (facebookresearch/dinov2)",
     "timm": "timm checkpoint",
-    "transformers": "transformers Dinov2 / Dinov2WithRegisters checkpoint",
+    "transformers": "transformers Dinov2 / Dinov2WithRegisters / DINOv3ViT checkpoint",
+    "dinov3": "official DINOv3 checkpoint (facebookresearch/dinov3)",
 }
 
 
@@ -84,7 +88,7 @@ class ParityRow:
         return all(v <= self.tolerance for v in self.max_abs_diff.values() if v is not None)
 
     def describe(self) -> str:
-        parts = [f"{g} {_fmt(v)}" for g, v in self.max_abs_diff.items()]
+        parts = [f"{g} {_fmt(v)}" for g, v in self.max_abs_diff.items() if g != "pooled" or v is not None]
         status = "ok" if self.passed else f"FAIL (> {self.tolerance:g})"
         note = f"  [{self.note}]" if self.note else ""
         return f"{self.height}x{self.width}: " + "  ".join(parts) + f"  {status}{note}"
@@ -113,10 +117,14 @@ class ParityReport:
         return [row.describe() for row in self.rows] + [f"problem: {p}" for p in self.problems]
 
     def to_markdown(self) -> str:
-        header = "| input (H×W) | CLS | registers | patches | result |\n|---|---|---|---|---|\n"
+        pooled = any(row.max_abs_diff.get("pooled") is not None for row in self.rows)
+        groups = [group for group in TOKEN_GROUPS if group != "pooled" or pooled]
+        header = (
+            f"| input (H×W) | {' | '.join(GROUP_TITLES[g] for g in groups)} | result |\n|{'---|' * (len(groups) + 2)}\n"
+        )
         body = ""
         for row in self.rows:
-            cells = [_fmt(row.max_abs_diff.get(g)) for g in TOKEN_GROUPS]
+            cells = [_fmt(row.max_abs_diff.get(g)) for g in groups]
             result = ("pass" if row.passed else "FAIL") + (f" ({row.note})" if row.note else "")
             body += f"| {row.height}×{row.width} | " + " | ".join(cells) + f" | {result} |\n"
         return header + body
@@ -245,6 +253,8 @@ def make_image_processor(source: str, reference: torch.nn.Module | None = None, 
         if path.is_dir() and (path / "preprocessor_config.json").exists():
             processor = AutoImageProcessor.from_pretrained(str(path))
             return processor, f"`{type(processor).__name__}` copied from the source directory"
+    if source == "dinov3":
+        return dinov3.image_processor()
     if source == "timm" and reference is not None and hasattr(reference, "pretrained_cfg"):
         from timm.data import resolve_data_config
 
@@ -299,6 +309,8 @@ def default_base_model(source: str, arch: str | None, reference: torch.nn.Module
     name their own `hf_hub_id`."""
     if source == "dinov2" and arch in OFFICIAL_BASE_MODELS:
         return OFFICIAL_BASE_MODELS[arch]
+    if source == "dinov3" and arch in dinov3.OFFICIAL_DINOV3_BASE_MODELS:
+        return dinov3.OFFICIAL_DINOV3_BASE_MODELS[arch]
     if source == "timm" and reference is not None:
         hub_id = (getattr(reference, "pretrained_cfg", None) or {}).get("hf_hub_id")
         return hub_id or None
