@@ -83,18 +83,27 @@ def eva_model(style: str, seed: int = 0):
 
 
 def official_state_dict(style: str, seed: int = 0) -> tuple[dict[str, torch.Tensor], torch.nn.Module]:
-    """The state dict of the official `DinoVisionTransformer` with the weights of a redrawn timm Eva: the inverse of
-    timm's `checkpoint_filter_fn`, plus what the official model stores and timm does not (a random key bias that the
-    stored `bias_mask` zeroes, the periods, the (1, D) mask token, `local_cls_norm`)."""
+    """An official-format state dict of the shrunk `style` and the redrawn timm Eva its weights come from."""
     eva = eva_model(style, seed)
     width, heads, _, align, qkv_bias, local_norm = OFFICIAL_STYLES[style]
+    state = official_from_eva(eva, heads, swiglu=bool(align), local_norm=local_norm, seed=seed)
+    assert qkv_bias == any(key.endswith("qkv.bias") for key in state)
+    return state, eva
+
+
+def official_from_eva(eva, heads: int, swiglu: bool, local_norm: bool, seed: int = 0) -> dict[str, torch.Tensor]:
+    """The state dict of the official `DinoVisionTransformer` with the weights of a timm Eva: the inverse of timm's
+    `checkpoint_filter_fn`, plus what the official model stores and timm does not (a random key bias that the stored
+    `bias_mask` zeroes, the periods, the (1, D) mask token, `local_cls_norm`)."""
+    width = eva.embed_dim
+
     generator = torch.Generator().manual_seed(100 + seed)
     state: dict[str, torch.Tensor] = {}
     for key, value in eva.state_dict().items():
         if key.startswith("rope."):
             continue
         key = key.replace("reg_token", "storage_tokens").replace("gamma_1", "ls1.gamma").replace("gamma_2", "ls2.gamma")
-        if align:
+        if swiglu:
             key = key.replace("mlp.fc1_g", "mlp.w1").replace("mlp.fc1_x", "mlp.w2").replace("mlp.fc2", "mlp.w3")
         if key.endswith("attn.q_bias"):
             block = key.removesuffix("q_bias")
@@ -111,8 +120,7 @@ def official_state_dict(style: str, seed: int = 0) -> tuple[dict[str, torch.Tens
     if local_norm:
         state["local_cls_norm.weight"] = torch.rand(width, generator=generator) + 0.5
         state["local_cls_norm.bias"] = torch.randn(width, generator=generator)
-    assert qkv_bias == any(key.endswith("qkv.bias") for key in state)
-    return state, eva
+    return state
 
 
 @pytest.mark.parametrize("style", list(OFFICIAL_STYLES))
@@ -227,6 +235,31 @@ def test_official_hub_name_sets_the_architecture_and_a_wrong_one_is_named():
         convert("dinov3", state, arch="dinov3_vits16plus")
     with pytest.raises(ConversionError, match="Unknown DINOv3 architecture 'dinov3_vitx16'"):
         convert("dinov3", state, arch="dinov3_vitx16")
+
+
+@pytest.mark.slow  # full-size ViT-S/16 (22M parameters), both implementations at 224² and 160×224 (15-50 s)
+def test_full_size_dinov3_vits16_by_hub_name_through_the_pipeline(tmp_path):
+    from vit_registers.conversion.publish import convert_and_publish
+
+    eva = timm.create_model("vit_small_patch16_dinov3", pretrained=False, qkv_bias=True, num_classes=0)
+    state = official_from_eva(redraw_realistic_(eva), heads=6, swiglu=False, local_norm=False)
+    checkpoint = tmp_path / "dinov3_vits16.pth"
+    torch.save(state, checkpoint)
+    result = convert_and_publish(
+        "dinov3",
+        checkpoint,
+        arch="dinov3_vits16",
+        output_dir=tmp_path / "out",
+        tolerance=TOLERANCE,
+        progress=False,
+        log=lambda _: None,
+    )
+    assert [(row.height, row.width) for row in result.report.rows] == [(224, 224), (160, 224)]
+    assert result.report.passed, result.report.lines()
+    card = (result.output_dir / "README.md").read_text()
+    assert "base_model: facebook/dinov3-vits16-pretrain-lvd1689m" in card
+    config = json.loads((result.output_dir / "config.json").read_text())
+    assert (config["num_attention_heads"], config["layer_norm_eps"], config["rope_rescale_coords"]) == (6, 1e-5, 2.0)
 
 
 @pytest.mark.parametrize("case", ["periods_theta", "periods_heads", "missing_key", "unexpected_key", "cls_norm"])

@@ -29,6 +29,7 @@ import torch
 from ..configuration_vit_registers import ViTRegistersConfig
 from ..modeling_vit_registers import ViTRegistersModel
 from . import dinov3, timm_families
+from .dinov3 import OFFICIAL_DINOV3
 from .mappings import IGNORED, PREFIXES, RESHAPED, RULES
 
 SOURCES = tuple(RULES)
@@ -581,6 +582,7 @@ __all__ = [
     "SOURCES",
     "INTERPOLATIONS",
     "OFFICIAL_DINOV2",
+    "OFFICIAL_DINOV3",
     "official_interpolation",
     "source_interpolation",
     "interpolation_summary",
