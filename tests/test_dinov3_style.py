@@ -23,7 +23,8 @@ import sys
 import pytest
 import torch
 from PIL import Image
-from test_modeling import tiny_model  # noqa: E402 - tests/ is on sys.path (conftest)
+from test_modeling import FAMILIES as MODELING_FAMILIES  # tests/ is on sys.path (conftest)
+from test_modeling import tiny_model
 from transformers import BitImageProcessor
 
 from vit_registers import ViTRegistersBackbone, ViTRegistersForImageClassification, ViTRegistersModel
@@ -31,25 +32,9 @@ from vit_registers import modeling_vit_registers as modeling
 from vit_registers.interventions import enable_test_time_registers, find_register_neurons
 
 SIZES = dict(image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=2, num_attention_heads=4)
-DINOV3 = dict(
-    SIZES,
-    num_register_tokens=4,
-    position_encoding="rope",
-    rope_type="dinov3",
-    rope_theta=100.0,
-    rope_rescale_coords=2.0,
-    layer_norm_eps=1e-5,
-    layerscale_value=1e-5,
-)
-MAP = dict(
-    SIZES,
-    num_register_tokens=4,
-    use_cls_token=False,
-    cls_token_has_position_embedding=False,
-    register_tokens_have_position_embedding=True,
-    pooling="map",
-)
-FAMILIES = {"dinov3": DINOV3, "map": MAP}
+# test_modeling's family overrides (DINOv3: rope_theta 100, coordinate rescaling 2, LayerScale 1e-5, eps 1e-5) at
+# these sizes, with 4 registers
+FAMILIES = {family: dict(SIZES, num_register_tokens=4, **MODELING_FAMILIES[family]) for family in ("dinov3", "map")}
 
 
 def family_model(family: str, cls=ViTRegistersModel, **overrides):

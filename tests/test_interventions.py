@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from test_modeling import FAMILIES
 
 from vit_registers import ViTRegistersConfig, ViTRegistersForImageClassification, ViTRegistersModel
 from vit_registers.interventions import (
@@ -94,15 +95,16 @@ def test_test_time_registers_survive_save_and_load(tmp_path):
     assert model.config.test_time_registers == spec
 
 
-def planted_model(units=(3, 7)) -> ViTRegistersModel:
+def planted_model(units=(3, 7), **overrides) -> ViTRegistersModel:
     """A model whose layer-0 MLP units `units` fire on bright patches and write a large vector into them."""
-    model = tiny_model(num_register_tokens=0)
+    model = tiny_model(num_register_tokens=0, **overrides)
     with torch.no_grad():
         conv = model.embeddings.patch_embeddings.projection
         conv.weight.mul_(0.01)
         conv.weight[0] = 1.0 / (3 * 14 * 14)  # channel 0 = mean intensity of the patch
         conv.bias.zero_()
-        model.embeddings.position_embeddings.mul_(0.01)
+        if model.embeddings.position_embeddings is not None:  # none with RoPE
+            model.embeddings.position_embeddings.mul_(0.01)
         mlp = model.encoder.layer[0].mlp
         for unit in units:
             mlp.fc1.weight[unit] = 0.0
@@ -120,8 +122,9 @@ def bright_patch_images(count=6) -> torch.Tensor:
     return images
 
 
-def test_discovery_finds_planted_register_neurons():
-    model = planted_model(units=(3, 7))
+@pytest.mark.parametrize("family", ["learned", "dinov3"])  # DINOv3 style: RoPE (tests/test_modeling.py)
+def test_discovery_finds_planted_register_neurons(family):
+    model = planted_model(units=(3, 7), **FAMILIES[family])
     images = bright_patch_images()
     found = find_register_neurons(
         model, [images[:3], images[3:]], top_k=2, highest_layer=1, detection_layer=1, percentile=90

@@ -18,6 +18,20 @@ from vit_registers import (
 )
 
 TINY = dict(image_size=28, patch_size=14, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, mlp_ratio=2.0)
+# The register families of issue 20, as overrides of any size: the tests of attention backends, compile and export run
+# on each (tests/test_dinov3_style.py checks the package's other features on them).
+FAMILIES = {
+    "learned": {},  # DINOv2 with registers
+    "dinov3": dict(  # 2D RoPE on the patches, no stored position embeddings; train-time coordinate rescaling
+        position_encoding="rope", rope_theta=100.0, rope_rescale_coords=2.0, layer_norm_eps=1e-5, layerscale_value=1e-5
+    ),
+    "map": dict(  # timm's vit_so150m*_reg4_map*: no CLS, stored position embeddings over the registers, attention pool
+        use_cls_token=False,
+        cls_token_has_position_embedding=False,
+        register_tokens_have_position_embedding=True,
+        pooling="map",
+    ),
+}
 
 
 def tiny_config(**overrides) -> ViTRegistersConfig:
@@ -77,28 +91,31 @@ def test_registers_change_the_other_tokens():
     assert (model(pixels).patch_tokens - before).abs().max() > 1e-3
 
 
-def test_attentions_are_real_under_every_backend():
+@pytest.mark.parametrize("family", FAMILIES)
+def test_attentions_are_real_under_every_backend(family):
     pixels = torch.randn(2, 3, 28, 42)
     outputs = {}
     for backend in ("eager", "sdpa", "flex_attention"):
-        model = tiny_model()
+        model = tiny_model(**FAMILIES[family])
         model.set_attn_implementation(backend)
         assert model.config._attn_implementation == backend
         outputs[backend] = model(pixels, output_attentions=True)
     eager = outputs["eager"]
-    assert len(eager.attentions) == 3 and eager.attentions[0].shape == (2, 4, 11, 11)
-    torch.testing.assert_close(eager.attentions[0].sum(-1), torch.ones(2, 4, 11))
+    tokens = model.config.num_prefix_tokens + 6  # 11 with a CLS, 10 without
+    assert len(eager.attentions) == 3 and eager.attentions[0].shape == (2, 4, tokens, tokens)
+    torch.testing.assert_close(eager.attentions[0].sum(-1), torch.ones(2, 4, tokens))
     for backend in ("sdpa", "flex_attention"):
         for ours, ref in zip(outputs[backend].attentions, eager.attentions):
             torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
         torch.testing.assert_close(outputs[backend].last_hidden_state, eager.last_hidden_state, atol=1e-5, rtol=0)
 
 
-def test_fast_backends_agree_with_eager_without_weights():
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fast_backends_agree_with_eager_without_weights(family):
     pixels = torch.randn(2, 3, 42, 28)
     results = []
     for backend in ("eager", "sdpa", "flex_attention"):
-        model = tiny_model()
+        model = tiny_model(**FAMILIES[family])
         model.set_attn_implementation(backend)
         with torch.no_grad():  # torch's flex attention has no CPU backward
             results.append(model(pixels).last_hidden_state)
@@ -106,8 +123,9 @@ def test_fast_backends_agree_with_eager_without_weights():
         torch.testing.assert_close(other, results[0], atol=1e-5, rtol=0)
 
 
-def test_attention_of_chosen_layers_only():
-    model = tiny_model()  # sdpa by default
+@pytest.mark.parametrize("family", FAMILIES)
+def test_attention_of_chosen_layers_only(family):
+    model = tiny_model(**FAMILIES[family])  # sdpa by default
     assert model.config._attn_implementation == "sdpa"
     pixels = torch.randn(1, 3, 28, 28)
     full = model(pixels, output_attentions=True)
@@ -226,11 +244,14 @@ def test_drop_path_decays_linearly_and_only_in_training():
     torch.testing.assert_close(model(pixels).last_hidden_state, model(pixels).last_hidden_state)
 
 
-def test_torch_compile_fullgraph_captures_without_graph_breaks():
-    model = tiny_model()
+@pytest.mark.parametrize("family", FAMILIES)
+def test_torch_compile_fullgraph_captures_without_graph_breaks(family):
+    model = tiny_model(**FAMILIES[family])
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     pixels = torch.randn(2, 3, 28, 42)
-    torch.testing.assert_close(compiled(pixels).last_hidden_state, model(pixels).last_hidden_state, atol=1e-5, rtol=0)
+    got, want = compiled(pixels), model(pixels)
+    torch.testing.assert_close(got.last_hidden_state, want.last_hidden_state, atol=1e-5, rtol=0)
+    torch.testing.assert_close(got.pooler_output, want.pooler_output, atol=1e-5, rtol=0)
 
 
 @pytest.mark.slow
@@ -245,8 +266,9 @@ def test_torch_compile_inductor_matches_eager():
 
 
 @pytest.mark.slow
-def test_torch_export_with_dynamic_height_and_width():
-    model = tiny_model(num_register_tokens=2)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_torch_export_with_dynamic_height_and_width(family):
+    model = tiny_model(**{"num_register_tokens": 2, **FAMILIES[family]})
 
     class Wrapper(torch.nn.Module):
         def __init__(self, inner):
@@ -255,7 +277,7 @@ def test_torch_export_with_dynamic_height_and_width():
 
         def forward(self, pixel_values):
             out = self.inner(pixel_values)
-            return out.last_hidden_state, out.register_tokens, out.patch_tokens
+            return out.last_hidden_state, out.register_tokens, out.patch_tokens, out.pooler_output
 
     rows = torch.export.Dim("rows", min=2, max=32)
     cols = torch.export.Dim("cols", min=2, max=32)

@@ -13,6 +13,7 @@ import gc
 
 import pytest
 import torch
+from test_modeling import FAMILIES
 from test_modeling import tiny_model as reference_model
 
 from vit_registers import ViTRegistersForImageClassification, ViTRegistersModel, onednn
@@ -74,8 +75,22 @@ def regular_and_onednn(model, pixels, **kwargs):
         dict(hidden_act="silu"),
         dict(hidden_act="quick_gelu"),  # no oneDNN post-op: activation after the product
         dict(use_cls_token=False, cls_token_has_position_embedding=False, pooling="mean", use_fc_norm=True),
+        FAMILIES["dinov3"],  # the rotary (sin, cos) threaded through the oneDNN block
+        FAMILIES["map"],
     ],
-    ids=["layerscale", "no-layerscale", "no-qkv-bias", "swiglu", "gelu-tanh", "relu", "silu", "quick-gelu", "gap"],
+    ids=[
+        "layerscale",
+        "no-layerscale",
+        "no-qkv-bias",
+        "swiglu",
+        "gelu-tanh",
+        "relu",
+        "silu",
+        "quick-gelu",
+        "gap",
+        "dinov3-rope",
+        "map",
+    ],
 )
 @pytest.mark.parametrize("fused_activation", [True, False], ids=["activation-fused", "activation-in-place"])
 def test_fused_path_matches_regular_path_on_every_token(overrides, fused_activation, monkeypatch):
@@ -146,8 +161,9 @@ def loss_and_gradients(model, pixels, labels, create_graph=False):
         dict(layerscale_value=None, qkv_bias=False),
         dict(mlp_type="swiglu"),
         dict(hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1, drop_path_rate=0.2),
+        FAMILIES["dinov3"],  # train mode: RoPE coordinates rescaled, drawn after the same seed on both paths
     ],
-    ids=["layerscale", "no-layerscale", "swiglu", "dropout-droppath"],
+    ids=["layerscale", "no-layerscale", "swiglu", "dropout-droppath", "dinov3-rope"],
 )
 def test_training_gradients_match_regular_path_on_every_parameter(overrides, monkeypatch):
     model = tiny_model(ViTRegistersForImageClassification, num_labels=5, pooling="cls_mean", **overrides).train()
