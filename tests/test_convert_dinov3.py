@@ -287,6 +287,16 @@ def test_official_bad_checkpoints_are_named(case):
         convert("dinov3", state)
 
 
+def test_official_bfloat16_periods_of_a_training_checkpoint_are_accepted():
+    """DinoVisionTransformer's default `pos_embed_rope_dtype="bf16"` stores the periods rounded to bfloat16."""
+    state, _ = official_state_dict("mlp")
+    state["rope_embed.periods"] = state["rope_embed.periods"].to(torch.bfloat16)
+    assert convert("dinov3", state).config.num_attention_heads == 4
+    state["rope_embed.periods"] = (state["rope_embed.periods"].float() * 1.02).to(torch.bfloat16)
+    with pytest.raises(ConversionError, match="rope_embed.periods"):
+        convert("dinov3", state)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # transformers DINOv3ViTModel / DINOv3ViTBackbone
 # ----------------------------------------------------------------------------------------------------------------------

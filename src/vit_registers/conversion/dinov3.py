@@ -289,7 +289,8 @@ def check_periods(renamed: dict[str, torch.Tensor], config: ViTRegistersConfig) 
     periods = renamed.pop(PERIODS_KEY, None)
     if periods is None:
         return
-    expected = expected_periods(config)
+    # training checkpoints of DinoVisionTransformer's default pos_embed_rope_dtype="bf16" store rounded periods
+    expected = expected_periods(config).to(periods.dtype).float()
     periods = periods.detach().float().reshape(-1)
     if periods.shape != expected.shape or not torch.allclose(periods, expected, rtol=1e-5, atol=0):
         settings = (
