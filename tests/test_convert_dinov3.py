@@ -11,6 +11,7 @@ timm's own `checkpoint_filter_fn`. Also: parity on the real trained DINOv2-S wei
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -151,6 +152,56 @@ def test_official_dinov3_every_token_matches_timm_through_its_own_filter(style, 
     torch.testing.assert_close(model.embeddings.mask_token.reshape(-1), state["mask_token"].reshape(-1))
     assert "nothing is resampled" in interpolation_summary("dinov3", config, path)
     assert source_interpolation("dinov3", config, path) == {}
+
+
+OFFICIAL_CODE_STYLES = {  # DinoVisionTransformer arguments of the shrunk styles (dinov3/hub/backbones.py otherwise)
+    "mlp": dict(embed_dim=64, num_heads=4, ffn_ratio=4.0, ffn_layer="mlp", qkv_bias=True),
+    "swiglu": dict(embed_dim=64, num_heads=4, ffn_ratio=4.0, ffn_layer="swiglu", qkv_bias=True),
+    "swiglu64_7b": dict(
+        embed_dim=128,
+        num_heads=1,
+        ffn_ratio=2.0,
+        ffn_layer="swiglu64",
+        qkv_bias=False,
+        untie_global_and_local_cls_norm=True,
+    ),
+}
+
+
+@pytest.mark.skipif(not os.environ.get("DINOV3_SRC"), reason="set DINOV3_SRC to a facebookresearch/dinov3 checkout")
+@pytest.mark.parametrize("style", list(OFFICIAL_STYLES))
+def test_official_code_has_the_same_keys_and_outputs(style, monkeypatch):
+    """With the official code at hand (`DINOV3_SRC`): the state dicts built here have exactly its keys and shapes,
+    and its own forward gives our tokens (measured: 0.0 for the three styles)."""
+    monkeypatch.syspath_prepend(os.environ["DINOV3_SRC"])
+    from dinov3.models.vision_transformer import DinoVisionTransformer
+
+    official = DinoVisionTransformer(
+        img_size=64,
+        patch_size=16,
+        depth=2,
+        pos_embed_rope_base=100,
+        pos_embed_rope_rescale_coords=2,
+        pos_embed_rope_dtype="fp32",
+        layerscale_init=1e-5,
+        norm_layer="layernormbf16",
+        n_storage_tokens=4,
+        mask_k_bias=True,
+        **OFFICIAL_CODE_STYLES[style],
+    )
+    state, _ = official_state_dict(style)
+    assert {k: v.shape for k, v in official.state_dict().items()} == {k: v.shape for k, v in state.items()}
+    official.load_state_dict(state, strict=True)
+    model = convert("dinov3", state)
+    generator = torch.Generator().manual_seed(1)
+    for height, width in SIZES:
+        pixels = torch.randn(2, 3, height, width, generator=generator)
+        with torch.no_grad():
+            out = official.eval().forward_features(pixels)
+        expected = dict(
+            cls=out["x_norm_clstoken"], registers=out["x_storage_tokens"], patches=out["x_norm_patchtokens"]
+        )
+        assert max_diff(model_tokens(model, pixels), expected) <= TOLERANCE
 
 
 def test_official_prefixed_teacher_checkpoint_converts_the_same(tmp_path):
