@@ -17,7 +17,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import DepthAnythingConfig, DepthAnythingForDepthEstimation, DPTConfig, DPTForDepthEstimation
+from transformers import (
+    AutoModelForDepthEstimation,
+    DepthAnythingConfig,
+    DepthAnythingForDepthEstimation,
+    DPTConfig,
+    DPTForDepthEstimation,
+)
 from transformers.dynamic_module_utils import custom_object_save
 
 from vit_registers import ViTRegistersBackbone, ViTRegistersConfig
@@ -163,8 +169,8 @@ def test_depth_heads_run_train_and_reload(head, family, tmp_path):
     model.eval()
 
     model.save_pretrained(tmp_path)
-    reloaded = type(model).from_pretrained(tmp_path).eval()
-    assert type(reloaded.backbone) is ViTRegistersBackbone
+    reloaded = AutoModelForDepthEstimation.from_pretrained(tmp_path).eval()
+    assert type(reloaded) is type(model) and type(reloaded.backbone) is ViTRegistersBackbone
     config = reloaded.backbone.config
     assert (config.num_register_tokens, config.position_encoding) == (
         4,
