@@ -50,9 +50,9 @@ UNSUPPORTED_ARCHS = (
 
 # Checkpoint keys of the families that stay out, for checkpoints converted without --arch.
 UNSUPPORTED_KEYS = (
-    (r"blocks\.\d+\.(attn\.)?(lambda_[qk]\d|sub_norm\..*)", UNSUPPORTED_ARCHS[0]),
-    (r"blocks\.\d+\.(in_proj|in_norm|attn_out_proj|mlp_out_proj|out_proj)\..*", UNSUPPORTED_ARCHS[1]),
-    (r"embeds\..*", UNSUPPORTED_ARCHS[2]),
+    (r"blocks\.\d+\.(attn\.)?(lambda_[qk]\d|sub_norm\..*)", UNSUPPORTED_ARCHS[0][1:]),
+    (r"blocks\.\d+\.(in_proj|in_norm|attn_out_proj|mlp_out_proj|out_proj)\..*", UNSUPPORTED_ARCHS[1][1:]),
+    (r"embeds\..*", UNSUPPORTED_ARCHS[2][1:]),
     (
         r"blocks\.\d+\.mlp\.norm\..*",
         ("an inner MLP norm (Eva scale_mlp, `mlp.norm`)", "a LayerNorm inside the MLP, after the activation"),
@@ -87,7 +87,7 @@ def check_arch(arch: str) -> None:
 
 def refuse_keys(keys) -> None:
     """Refuse a checkpoint whose keys belong to a family that stays out (named, with the ones that convert)."""
-    for pattern, (what, why, *_) in UNSUPPORTED_KEYS:
+    for pattern, (what, why) in UNSUPPORTED_KEYS:
         found = next((key for key in keys if re.fullmatch(pattern, key)), None)
         if found is not None:
             raise _error(f"{_refusal(what, why)} (checkpoint key {found})")
