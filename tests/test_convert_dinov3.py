@@ -493,11 +493,14 @@ def test_script_converts_a_transformers_dinov3_directory(tmp_path, capsys):
     assert "| 64×64 |" in card and "| 48×64 |" in card and "FAIL" not in card
 
 
-@pytest.mark.parametrize("case", ["periods", "wrong_arch", "parity"])
+@pytest.mark.parametrize("case", ["periods", "wrong_arch", "missing_key", "parity"])
 def test_script_refuses_and_writes_nothing(case, tmp_path, capsys, monkeypatch):
     state, _ = official_state_dict("mlp")
     arch = []
-    if case == "periods":
+    if case == "missing_key":
+        del state["blocks.0.ls2.gamma"]
+        message = "missing from the checkpoint: encoder.layer.0.layer_scale2.gamma"
+    elif case == "periods":
         state["rope_embed.periods"] = state["rope_embed.periods"] * 1.01
         message = "rope_embed.periods"
     elif case == "wrong_arch":
