@@ -618,6 +618,42 @@ register_subcommand(
 )
 
 
+# ------------------------------------------------------------------------------------------------ embed and eval
+
+
+def _embed_arguments(parser: argparse.ArgumentParser) -> None:
+    from .features.embed import add_arguments
+
+    add_arguments(parser)
+
+
+def _run_embed(args: argparse.Namespace) -> int:
+    from .features.embed import run
+
+    return run(args)
+
+
+def _eval_arguments(parser: argparse.ArgumentParser) -> None:
+    from .features.evaluation import add_arguments
+
+    add_arguments(parser)
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from .features.evaluation import run
+
+    return run(args)
+
+
+register_subcommand(
+    "embed",
+    "features of every image of a dataset as sharded Parquet (a datasets dataset)",
+    _embed_arguments,
+    _run_embed,
+)
+register_subcommand("eval", "k-NN or linear-probe accuracy on features written by embed", _eval_arguments, _run_eval)
+
+
 # -------------------------------------------------------------------------------------------------------- main
 
 
