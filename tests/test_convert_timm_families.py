@@ -241,11 +241,13 @@ def test_script_converts_and_writes_the_parity_table(arch, rows, tmp_path, capsy
     if "rope" in arch:
         assert config["position_encoding"] == "rope" and config["rope_reference_grid"] == [16, 16]
         assert "rotary position encoding" in card and "rotary position encoding" in printed
+        assert "interpolate_antialias" not in card  # no position embeddings, no resampling settings
+        assert "pooled = outputs.pooler_output          # (batch, 128): the mean of the patch tokens" in card
         assert "attention pool" not in card
     else:  # the attention pool has weights: the gate compares its output too, and the card has a column for it
         assert config["pooling"] == "map" and config["register_tokens_have_position_embedding"]
         assert "| input (H×W) | CLS | registers | patches | attention pool | result |" in card
-        assert "pooled " in printed
+        assert "pooled " in printed and "(batch, 128): the attention pool over the patch tokens" in card
 
 
 def test_script_refuses_an_unsupported_family_and_writes_nothing(tmp_path, capsys):

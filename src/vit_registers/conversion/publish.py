@@ -66,6 +66,15 @@ SOURCE_DESCRIPTIONS = {
 }
 
 
+# What `pooler_output` is, for the model card's usage example (`ViTRegistersConfig.pooling`).
+POOLING_TEXT = {
+    "cls": "the CLS token",
+    "mean": "the mean of the patch tokens (then `fc_norm` where the model has one)",
+    "cls_mean": "the CLS token and the mean of the patch tokens, concatenated",
+    "map": "the attention pool over the patch tokens (timm's MAP head)",
+}
+
+
 class ParityError(ConversionError):
     """The converted model does not reproduce the reference implementation within the tolerance."""
 
@@ -373,6 +382,9 @@ def build_model_card(
         base_model=base_model,
         num_register_tokens=registers,
         hidden_size=config.hidden_size,
+        pooled_size=config.hidden_size * (2 if config.pooling == "cls_mean" else 1),
+        pooling=POOLING_TEXT[config.pooling],
+        position_encoding=config.position_encoding,
         architecture=architecture,
         preprocessing=preprocessing or "see preprocessor_config.json",
         interpolation=interpolation or interpolation_summary(source, config, arch=arch),
