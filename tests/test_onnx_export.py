@@ -262,3 +262,19 @@ def test_bad_arguments_are_named(arguments, message, tmp_path, capsys):
     assert main(["export", "--model", str(model_dir), "--output", str(output), *arguments]) == 1
     assert message in capsys.readouterr().err
     assert not output.exists()
+
+
+def test_card_section_replaces_its_previous_version_and_keeps_the_rest(tmp_path):
+    from vit_registers.onnx_export import CARD_END, CARD_START, ExportResult, SizeCheck, _card_text
+
+    config = ViTRegistersConfig(**TINY, num_register_tokens=4)
+    check = [SizeCheck((1, 3, 42, 42), dict.fromkeys(output_names(()), 1e-6), dict.fromkeys(output_names(()), 1e-6))]
+    result = ExportResult(tmp_path / "model.onnx", 18, "float32", 1e-4, output_names(()), check)
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# My model\n\nintro\n\n{CARD_START}\nold section\n{CARD_END}\n\noutro\n")
+    text = _card_text(readme, result, config)
+    assert text.startswith("# My model\n\nintro\n\n") and text.endswith("outro\n")
+    assert "old section" not in text and text.count(CARD_START) == text.count(CARD_END) == 1
+    assert "| (1, 3, 42, 42) | 1.0e-06 |" in text and "(batch, 4, 32)" in text
+    readme.write_text("# Another card\n")
+    assert _card_text(readme, result, config).startswith("# Another card\n\n" + CARD_START)

@@ -41,7 +41,7 @@ INPUT_NAME = "pixel_values"
 DEFAULT_OPSET = 18  # Resize with antialias (the position-embedding resampling of register models) needs opset 18
 # Largest error allowed on any output token (docs/onnx.md): float32 |ONNX Runtime - PyTorch|; float16, whose rounding
 # step grows with the value, |ONNX Runtime - PyTorch| / max(1, |PyTorch|) (see `SCALED_ERROR`).
-TOLERANCES = {"float32": 1e-4, "float16": 1e-2}
+TOLERANCES = {"float32": 1e-4, "float16": 3e-2}
 SCALED_ERROR = {"float32": False, "float16": True}
 EXTRA_PACKAGES = ("onnx", "onnxruntime", "onnxscript")
 CARD_START = "<!-- vit-registers onnx export: start -->"
