@@ -11,6 +11,7 @@ import timm  # a test extra: the parity references must exist, these tests are n
 import torch
 import torch.nn.functional as F
 import transformers
+from realistic_weights import activation_stats, redraw_realistic_
 from safetensors.torch import load_file, save_file
 
 from vit_registers.conversion import build_reference, convert, model_tokens, reference_tokens
@@ -20,13 +21,9 @@ SMALL = dict(embed_dim=64, depth=2, num_heads=4)
 
 
 def redraw_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Replace every parameter by random values so that no parameter keeps a structured init (ones, zeros, 1e-5)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in module.parameters():
-            scale = 0.5 if parameter.ndim == 1 else 0.2
-            parameter.copy_(torch.randn(parameter.shape, generator=generator) * scale)
-    return module.eval()
+    """Every parameter redrawn at a trained-like scale (`tests/realistic_weights.py`: activations of every block with
+    std >= 1, LayerScale 0.1-1), where a wrong activation or eps would show, and none left at a structured init."""
+    return redraw_realistic_(module, seed=seed)
 
 
 def assert_tokens_close(ours: dict, reference: dict) -> None:
@@ -60,6 +57,8 @@ def test_timm_parity(arch, extra, tmp_path):
     reference = redraw_(
         timm.create_model(arch, pretrained=False, dynamic_img_size=True, num_classes=0, **SMALL, **extra)
     )
+    stats = activation_stats(reference, torch.randn(2, 3, extra["img_size"], extra["img_size"]))
+    assert min(stats.block_stds) >= 1 and min(stats.mlp_input_stds) >= 1, stats
     path = tmp_path / "model.safetensors"
     save_file(reference.state_dict(), str(path))
     model = convert("timm", path, arch=arch, num_attention_heads=SMALL["num_heads"])
