@@ -15,6 +15,7 @@ Sections (`--sections`, default all):
   test-time-registers  throughput with test-time registers (Jiang et al. 2025) / plain forward, batch = last batch size
   conversion           peak RSS of converting an official DINOv2 .pth (ViT-L by default) as a multiple of its size
   analysis             latency of vit_registers.analysis.pipeline.analyze_batch on one image (no peer)
+  embed                `vit-registers embed` img/s on real CIFAR-10 images / the bare forward on decoded tensors
   onnxruntime          img/s of ONNX Runtime (CPU) running the exported file vs ours and transformers sdpa
   dinov3               DINOv3-style models (RoPE, 4 storage tokens; --archs S/14 → S/16): ours vs transformers'
                        DINOv3ViTModel (sdpa) vs timm's EVA, img/s at --image-sizes rounded to multiples of 16
@@ -46,7 +47,7 @@ import torch  # noqa: E402
 from vit_registers.argtypes import positive_int  # noqa: E402
 from vit_registers.cpu_allocator import cpu_allocator_tuned, tune_cpu_allocator  # noqa: E402
 
-from . import analysis, attention, families, forward, interventions, memory, onnx_runtime, training  # noqa: E402
+from . import analysis, attention, embed, families, forward, interventions, memory, onnx_runtime, training  # noqa: E402
 from .common import (  # noqa: E402
     ARCHS,
     DEFAULT_ARCHS,
@@ -72,6 +73,7 @@ SECTIONS: dict[str, Callable] = {
     "analysis": analysis.run,
     "onnxruntime": onnx_runtime.run,
     "dinov3": families.run,
+    "embed": embed.run,
 }
 TITLES = {
     "forward": "Forward throughput (fp32)",
@@ -85,6 +87,7 @@ TITLES = {
     "analysis": "One-image analysis (issue 6)",
     "onnxruntime": "ONNX Runtime (CPU) running the exported file vs PyTorch, fp32",
     "dinov3": "DINOv3-style forward (RoPE, 4 storage tokens), fp32",
+    "embed": "vit-registers embed on real CIFAR-10 images vs the bare forward on decoded tensors (issue 22)",
 }
 DEVICE_SECTIONS = ("forward", "training")  # the sections that take --device and --dtype
 DTYPES = ("float32", "bfloat16")  # float16 training would need a GradScaler, which the step does not time
