@@ -288,9 +288,13 @@ def test_two_real_processes_write_the_features_of_one(tmp_path, cifar):
     _assert_same_shards(tmp_path / "one", tmp_path / "two", atol=1e-5)
 
 
-def test_push_to_hub_uploads_a_dataset_repo_that_loads_back(tmp_path, cifar, capsys, hub_server):
+def test_push_to_hub_uploads_a_dataset_repo_that_loads_back(tmp_path, cifar, capsys, hub_server, monkeypatch):
     import datasets
+    import huggingface_hub.constants
     from huggingface_hub import HfApi, snapshot_download
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")  # the local server is the Hub here (HF_ENDPOINT, tests/hub_server.py)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
 
     out = tmp_path / "out"
     code, stdout, stderr = _main(
