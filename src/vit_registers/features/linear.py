@@ -10,7 +10,7 @@ trained on (one scale for every model, so one grid fits all).
 
 from __future__ import annotations
 
-DEFAULT_LEARNING_RATES = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1)
+DEFAULT_LEARNING_RATES = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
 DEFAULT_WEIGHT_DECAYS = (0.0, 1e-4, 1e-3)
 
 
@@ -28,10 +28,12 @@ def train_heads(features, labels, num_classes, settings, epochs=30, batch_size=2
     x = (x - mean) / std
     generator = torch.Generator().manual_seed(seed)
     count, dim = x.shape
-    weights = torch.zeros(len(settings), dim, num_classes, requires_grad=True)
-    biases = torch.zeros(len(settings), num_classes, requires_grad=True)
-    learning_rates = torch.tensor([lr for lr, _ in settings])[:, None, None]
-    decays = torch.tensor([wd for _, wd in settings])[:, None, None]
+    heads = len(settings)
+    # all heads in one (dim, heads × classes) matrix: one GEMM per step instead of a batched product
+    weights = torch.zeros(dim, heads * num_classes, requires_grad=True)
+    biases = torch.zeros(heads * num_classes, requires_grad=True)
+    learning_rates = torch.tensor([lr for lr, _ in settings]).repeat_interleave(num_classes)
+    decays = torch.tensor([wd for _, wd in settings]).repeat_interleave(num_classes)
     velocity_w = torch.zeros_like(weights)
     velocity_b = torch.zeros_like(biases)
     steps_per_epoch = max(1, math.ceil(count / batch_size))
@@ -41,11 +43,11 @@ def train_heads(features, labels, num_classes, settings, epochs=30, batch_size=2
         order = torch.randperm(count, generator=generator)
         for start in range(0, count, batch_size):
             index = order[start : start + batch_size]
-            logits = torch.einsum("bd,gdc->gbc", x[index], weights) + biases[:, None, :]
+            logits = torch.addmm(biases, x[index], weights).view(len(index) * heads, num_classes)
             # summed over heads: each head's gradient is that of its own mean cross-entropy
-            loss = torch.nn.functional.cross_entropy(
-                logits.reshape(-1, num_classes), y[index].repeat(len(settings)), reduction="sum"
-            ) / len(index)
+            loss = torch.nn.functional.cross_entropy(logits, y[index].repeat_interleave(heads), reduction="sum") / len(
+                index
+            )
             grad_w, grad_b = torch.autograd.grad(loss, (weights, biases))
             scale = 0.5 * (1 + math.cos(math.pi * step / total))  # cosine decay to 0
             with torch.no_grad():
@@ -53,9 +55,14 @@ def train_heads(features, labels, num_classes, settings, epochs=30, batch_size=2
                 velocity_w.mul_(0.9).add_(grad_w)
                 velocity_b.mul_(0.9).add_(grad_b)
                 weights -= scale * learning_rates * velocity_w
-                biases -= scale * learning_rates[:, :, 0] * velocity_b
+                biases -= scale * learning_rates * velocity_b
             step += 1
-    return weights.detach(), biases.detach(), mean, std
+    return (
+        weights.detach().view(dim, heads, num_classes).permute(1, 0, 2).contiguous(),
+        biases.detach().view(heads, num_classes),
+        mean,
+        std,
+    )
 
 
 def predict(heads, features):
