@@ -175,23 +175,34 @@ def test_cifar_features_are_the_models_tokens_and_load_as_a_dataset(tmp_path, ci
     )
 
 
-def test_image_folder_with_an_unreadable_image_skips_and_counts_it(tmp_path, capsys):
+def test_image_folder_with_an_unreadable_image_skips_and_counts_it_then_evaluates(tmp_path, capsys):
+    """An image folder with train/ and test/ (one sub-folder per class): the broken file is skipped, named and counted;
+    `eval knn` and `eval linear` run on the result."""
     from vit_registers.training.toy_data import make_image_folder
 
-    folder = make_image_folder(tmp_path / "images", classes=("astronaut", "coffee"), per_class=5, size=40)
-    (folder / "coffee" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not a PNG")
+    folder = tmp_path / "images"
+    make_image_folder(folder / "train", classes=("astronaut", "coffee"), per_class=5, size=40, seed=0)
+    make_image_folder(folder / "test", classes=("astronaut", "coffee"), per_class=3, size=40, seed=1)
+    (folder / "train" / "coffee" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not a PNG")
     out = tmp_path / "out"
     code, stdout, stderr = _main(["embed", "--dataset", folder, "--output", out, "--num-workers", 1], capsys)
     assert code == 0, stderr
     assert "broken.png" in stderr and "1 unreadable image(s) skipped" in stderr
     manifest = json.loads((out / MANIFEST).read_text())
     info = manifest["splits"]["train"]
-    assert info["num_rows"] == 11 and info["num_embedded"] == 10
+    assert info["num_rows"] == 11 and info["num_embedded"] == 10 and manifest["splits"]["test"]["num_embedded"] == 6
     assert len(info["skipped"]) == 1 and "broken.png" in info["skipped"][0]["image"]
     assert manifest["label_names"] == ["astronaut", "coffee"]
     assert manifest["features"] == {"cls": [128], "pooled": [128], "registers": [4, 128], "patch_mean": [128]}
     rows = pq.read_table(out / "data" / "train-00000-of-00001.parquet").column("row").to_pylist()
     assert len(rows) == 10 and info["skipped"][0]["row"] not in rows
+
+    for protocol, extra in (("knn", ["--k", 3]), ("linear", ["--epochs", 3, "--val-fraction", 0.2])):
+        code, stdout, stderr = _main(["eval", protocol, "--features", out, "--output-dir", tmp_path, *extra], capsys)
+        assert code == 0, stderr
+        report = json.loads((tmp_path / f"{protocol}.json").read_text())
+        assert report["train"]["rows"] == 10 and report["test"]["rows"] == 6
+        assert [r["input"] for r in report["results"]] == ["cls", "cls+patch_mean", "cls+registers", "registers"]
 
 
 def test_bad_input_gives_one_clear_line(tmp_path, cifar, capsys):
