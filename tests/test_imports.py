@@ -20,6 +20,10 @@ NEVER_AT_START = [
     "pyarrow",
     "vit_registers.study",
     "vit_registers.training",
+    "onnx",
+    "onnxruntime",
+    "onnxscript",
+    "vit_registers.features",
 ]
 FOR_ANALYSIS = ["matplotlib", "vit_registers.space", "vit_registers.analysis.figures"]
 
