@@ -89,8 +89,24 @@ TIMM_RULES = [
     KeyRule(r"attn_pool\.(?P<name>q|kv|proj|norm|mlp\.fc1|mlp\.fc2)\.(?P<kind>weight|bias)", "pooler.{name}.{kind}"),
 ]
 
-# transformers Dinov2 / Dinov2WithRegisters: current names (q_proj, gate_proj, ...) and legacy ones
-# (attention.attention.query, mlp.weights_in, ...), which transformers itself renames on load.
+# transformers' block keys (Dinov2, Dinov2WithRegisters, DINOv3ViT): current names (q_proj, gate_proj, ...) and
+# legacy ones (attention.attention.query, mlp.weights_in, ...), which transformers itself renames on load.
+TRANSFORMERS_BLOCK = [
+    (r"norm1", "norm1.{kind}", None),
+    (r"norm2", "norm2.{kind}", None),
+    (r"attention\.(?:q_proj|attention\.query)", "attention.qkv.{kind}", (0, 3)),
+    (r"attention\.(?:k_proj|attention\.key)", "attention.qkv.{kind}", (1, 3)),
+    (r"attention\.(?:v_proj|attention\.value)", "attention.qkv.{kind}", (2, 3)),
+    (r"attention\.(?:o_proj|output\.dense)", "attention.proj.{kind}", None),
+    (r"layer_scale1", "layer_scale1.gamma", None),
+    (r"layer_scale2", "layer_scale2.gamma", None),
+    (r"mlp\.(?:fc1|weights_in)", "mlp.fc1.{kind}", None),
+    (r"mlp\.gate_proj", "mlp.fc1.{kind}", (0, 2)),
+    (r"mlp\.up_proj", "mlp.fc1.{kind}", (1, 2)),
+    (r"mlp\.(?:fc2|weights_out|down_proj)", "mlp.fc2.{kind}", None),
+]
+
+# transformers Dinov2 / Dinov2WithRegisters.
 TRANSFORMERS_RULES = [
     KeyRule(r"embeddings\.cls_token", "embeddings.cls_token"),
     KeyRule(r"embeddings\.register_tokens", "embeddings.register_tokens"),
@@ -101,23 +117,7 @@ TRANSFORMERS_RULES = [
         "embeddings.patch_embeddings.projection.{kind}",
     ),
     KeyRule(r"layernorm\.(?P<kind>weight|bias)", "layernorm.{kind}"),
-    *_block_rules(
-        rf"encoder\.layer\.{LAYER}",
-        [
-            (r"norm1", "norm1.{kind}", None),
-            (r"norm2", "norm2.{kind}", None),
-            (r"attention\.(?:q_proj|attention\.query)", "attention.qkv.{kind}", (0, 3)),
-            (r"attention\.(?:k_proj|attention\.key)", "attention.qkv.{kind}", (1, 3)),
-            (r"attention\.(?:v_proj|attention\.value)", "attention.qkv.{kind}", (2, 3)),
-            (r"attention\.(?:o_proj|output\.dense)", "attention.proj.{kind}", None),
-            (r"layer_scale1", "layer_scale1.gamma", None),
-            (r"layer_scale2", "layer_scale2.gamma", None),
-            (r"mlp\.(?:fc1|weights_in)", "mlp.fc1.{kind}", None),
-            (r"mlp\.gate_proj", "mlp.fc1.{kind}", (0, 2)),
-            (r"mlp\.up_proj", "mlp.fc1.{kind}", (1, 2)),
-            (r"mlp\.(?:fc2|weights_out|down_proj)", "mlp.fc2.{kind}", None),
-        ],
-    ),
+    *_block_rules(rf"encoder\.layer\.{LAYER}", TRANSFORMERS_BLOCK),
 ]
 
 # Official DINOv3 (facebookresearch/dinov3 hub checkpoints): storage tokens are the registers; SwiGLU as `w1` (gate),
@@ -148,23 +148,7 @@ DINOV3_RULES = [
 DINOV3_TRANSFORMERS_RULES = [
     KeyRule(r"embeddings\.patch_embeddings\.(?P<kind>weight|bias)", "embeddings.patch_embeddings.projection.{kind}"),
     KeyRule(r"norm\.(?P<kind>weight|bias)", "layernorm.{kind}"),
-    *_block_rules(
-        rf"(?:model\.)?layer\.{LAYER}",
-        [
-            (r"norm1", "norm1.{kind}", None),
-            (r"norm2", "norm2.{kind}", None),
-            (r"attention\.q_proj", "attention.qkv.{kind}", (0, 3)),
-            (r"attention\.k_proj", "attention.qkv.{kind}", (1, 3)),
-            (r"attention\.v_proj", "attention.qkv.{kind}", (2, 3)),
-            (r"attention\.o_proj", "attention.proj.{kind}", None),
-            (r"layer_scale1", "layer_scale1.gamma", None),
-            (r"layer_scale2", "layer_scale2.gamma", None),
-            (r"mlp\.fc1", "mlp.fc1.{kind}", None),
-            (r"mlp\.gate_proj", "mlp.fc1.{kind}", (0, 2)),
-            (r"mlp\.up_proj", "mlp.fc1.{kind}", (1, 2)),
-            (r"mlp\.down_proj", "mlp.fc2.{kind}", None),
-        ],
-    ),
+    *_block_rules(rf"(?:model\.)?layer\.{LAYER}", TRANSFORMERS_BLOCK),
 ]
 
 RULES = {
