@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from .common import OURS, arch_label, build_models, markdown_table, time_alternating, timing_rows
+from .common import OURS, build_models, case_cells, markdown_table, time_alternating, timing_rows
 
 ANALYSIS = "analyze_batch"
 
@@ -41,9 +41,7 @@ def run(args, context) -> dict:
 def format_table(rows: list[dict]) -> str:
     body = [
         [
-            arch_label(r["arch"]),
-            f"{r['image_size']}²",
-            r["implementation"],
+            *case_cells(r, batch=False),
             f"{1000 * r['median_s']:.0f}",
             f"{r['times_forward']:.2f}×",
         ]

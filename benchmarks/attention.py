@@ -13,8 +13,8 @@ import torch
 
 from .common import (
     OURS,
-    arch_label,
     build_models,
+    case_cells,
     check_parity,
     markdown_table,
     ratio_text,
@@ -79,9 +79,7 @@ def run(args, context) -> dict:
 def format_table(rows: list[dict]) -> str:
     body = [
         [
-            arch_label(r["arch"]),
-            f"{r['image_size']}²",
-            r["implementation"],
+            *case_cells(r, batch=False),
             f"{r['items_per_s']:.2f}",
             f"{1000 * r['median_s']:.1f}",
             ratio_text(r["ratio_ours_over_this"], r.get("ratio_quartiles")),

@@ -581,3 +581,10 @@ def ratio_text(value: float | None, quartiles: tuple[float, float] | None = None
 
 def arch_label(arch: str, registers: int | None = 4) -> str:
     return f"ViT-{arch}" + ("" if registers is None else f" reg{registers}")
+
+
+def case_cells(row: dict, batch: bool = True) -> list:
+    """The first cells of a results table's row: model, image size, batch size (unless `batch=False`),
+    implementation."""
+    cells = [arch_label(row["arch"]), f"{row['image_size']}²"]
+    return cells + ([row["batch_size"]] if batch else []) + [row["implementation"]]

@@ -15,6 +15,7 @@ import torch
 from .common import (
     NO_KERNELS,
     OURS,
+    case_cells,
     check_parity,
     markdown_table,
     ratio_text,
@@ -130,16 +131,13 @@ def build_dinov3_implementations(arch: str, image_size: int, seed: int, names=DI
 def format_table(rows: list[dict]) -> str:
     body = [
         [
-            f"DINOv3-{row['arch']}",
-            row["image_size"],
-            row["batch_size"],
-            row["implementation"],
+            *case_cells(row),
             f"{row['images_per_s']:.1f}",
             ratio_text(row["ratio_ours_over_this"], row["ratio_quartiles"]),
         ]
         for row in rows
     ]
-    headers = ["model", "size", "batch", "implementation", "img/s", "ours / this (paired, IQR)"]
+    headers = ["model (DINOv3 style)", "image", "batch", "implementation", "img/s", "ours / this (paired, IQR)"]
     return markdown_table(headers, body, align="lrrlrr")
 
 

@@ -16,6 +16,7 @@ from .common import (
     PREPACKED,
     arch_label,
     build_placed_implementations,
+    case_cells,
     forward_flops,
     markdown_table,
     place,
@@ -112,10 +113,7 @@ def format_table(rows: list[dict]) -> str:
         peak = "—" if r["gemm_fraction"] is None else f"{100 * r['gemm_fraction']:.0f} %"
         body.append(
             [
-                arch_label(r["arch"]),
-                f"{r['image_size']}²",
-                r["batch_size"],
-                r["implementation"],
+                *case_cells(r),
                 f"{r['images_per_s']:.1f}",
                 ratio_text(r["ratio_ours_over_this"], r.get("ratio_quartiles")),
                 f"{r['gflops']:.1f}",

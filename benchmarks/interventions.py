@@ -14,8 +14,8 @@ import torch
 
 from .common import (
     OURS,
-    arch_label,
     build_models,
+    case_cells,
     markdown_table,
     time_alternating,
     timing_rows,
@@ -75,10 +75,7 @@ def run(args, context) -> dict:
 def format_table(rows: list[dict]) -> str:
     body = [
         [
-            arch_label(r["arch"]),
-            f"{r['image_size']}²",
-            r["batch_size"],
-            r["implementation"],
+            *case_cells(r),
             f"{r['items_per_s']:.2f}",
             f"{r['throughput_vs_plain']:.3f}",
         ]

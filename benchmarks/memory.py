@@ -31,7 +31,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .common import IMPLEMENTATIONS, OURS, arch_label, markdown_table, ratio_text, round_order
+from .common import IMPLEMENTATIONS, OURS, case_cells, markdown_table, ratio_text, round_order
 
 ROOT = Path(__file__).resolve().parents[1]
 MB = 2**20
@@ -204,10 +204,7 @@ def format_table(rows: list[dict], key: str = "inference_mb") -> str:
     measured = {"inference_mb": "inference MiB", "step_mb": "step MiB"}[key]
     body = [
         [
-            arch_label(r["arch"]),
-            f"{r['image_size']}²",
-            r["batch_size"],
-            r["implementation"],
+            *case_cells(r),
             f"{r[key]:.0f}",
             ratio_text(r["ratio_ours_over_this"]),
             f"{r['peak_mb']:.0f}",

@@ -18,8 +18,8 @@ import torch
 from .common import (
     NO_KERNELS,
     OURS,
-    arch_label,
     build_models,
+    case_cells,
     check_parity,
     markdown_table,
     ratio_against,
@@ -76,10 +76,7 @@ def run_case(arch, image_size, batch_sizes, repeats, warmup, seed, max_seconds, 
 def format_table(rows: list[dict]) -> str:
     body = [
         [
-            arch_label(r["arch"]),
-            f"{r['image_size']}²",
-            r["batch_size"],
-            r["implementation"],
+            *case_cells(r),
             f"{r['images_per_s']:.1f}",
             ratio_text(r["ratio_ours_over_this"], r.get("ratio_quartiles")),
         ]

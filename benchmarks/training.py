@@ -17,9 +17,9 @@ from .common import (
     OURS,
     PARITY_ATOL,
     ParityError,
-    arch_label,
     build_models,
     build_on_meta,
+    case_cells,
     markdown_table,
     ratio_text,
     synchronizer,
@@ -158,10 +158,7 @@ def run(args, context) -> dict:
 def format_table(rows: list[dict]) -> str:
     body = [
         [
-            arch_label(r["arch"]),
-            f"{r['image_size']}²",
-            r["batch_size"],
-            r["implementation"],
+            *case_cells(r),
             f"{r['items_per_s']:.2f}",
             f"{r['median_s']:.3f}",
             ratio_text(r["ratio_ours_over_this"], r.get("ratio_quartiles")),
